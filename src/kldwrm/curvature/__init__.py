@@ -1,0 +1,27 @@
+"""Curvature machinery: how the Fisher is measured (capture, blocks), averaged and inverted.
+
+The step rules in :mod:`kldwrm.optim` use only :class:`CurvatureEngine`.
+"""
+
+from .blocks import Block, DiagonalBlock, KroneckerBlock, kronecker_supported
+from .capture import FISHER_TYPES, LIKELIHOODS, Capture
+from .dense import DenseBlock
+from .engine import CURVATURES, DENSE_SCOPES, CurvatureEngine, unwrap
+from .linalg import CurvatureError, sym_eig
+
+__all__ = [
+    "Block",
+    "CURVATURES",
+    "Capture",
+    "CurvatureEngine",
+    "CurvatureError",
+    "DENSE_SCOPES",
+    "DenseBlock",
+    "DiagonalBlock",
+    "FISHER_TYPES",
+    "KroneckerBlock",
+    "LIKELIHOODS",
+    "kronecker_supported",
+    "sym_eig",
+    "unwrap",
+]

@@ -1,0 +1,347 @@
+"""Curvature blocks: how one layer's (or one tensor's) Fisher block is estimated and inverted.
+
+Every block answers the same questions, so the step rules never look inside:
+
+* :meth:`Block.fresh` turns what :class:`~kldwrm.curvature.capture.Capture` recorded on a
+  refresh step into a fresh estimate ``F_k`` (eq. 11 for Kronecker blocks);
+* :meth:`Block.fold` folds it into the exponential average ``F̄ ← ρ F̄ + (1-ρ) F_k``
+  (eqs. 12-13, seeded with the first estimate) and re-decomposes;
+* :meth:`Block.solve` returns ``(e·F̄ + f·F_k + γI)^{-1} u`` and :meth:`Block.matvec`
+  returns ``(e·F̄ + f·F_k + γI) v``; ``e`` and ``f`` let the step rules express every
+  system of DESIGN section 3 (``f`` is nonzero only on refresh steps, eq. 20).
+
+Vectors are lists of tensors shaped like the block's parameters.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .linalg import CurvatureError, conjugate_gradient, sym_eig
+
+#: relative residual that ``q_solve="exact"`` guarantees on refresh steps (DESIGN section 3)
+EXACT_SOLVE_RTOL = 1e-6
+
+
+class Block(ABC):
+    """One diagonal block of the block-diagonal curvature."""
+
+    kind: str = "block"
+
+    def __init__(self, params: Sequence[nn.Parameter], name: str) -> None:
+        self.params = list(params)
+        self.name = name
+        self.initialized = False
+        #: index of the optimizer parameter group the block's tensors belong to
+        self.group = 0
+        #: relative residual of the last iterative solve (``q_solve="exact"``), for tests
+        self.last_residual = 0.0
+
+    @abstractmethod
+    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Fresh curvature estimate of this step from the captured statistics."""
+
+    @abstractmethod
+    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
+        """EA update ``F̄ ← ρF̄ + (1-ρ)F`` (first call: ``F̄ = F``) and re-decomposition."""
+
+    @abstractmethod
+    def solve(
+        self,
+        vecs: Sequence[Tensor],
+        damping: float,
+        ea_scale: float = 1.0,
+        fresh_scale: float = 0.0,
+        method: str = "exact",
+    ) -> list[Tensor]:
+        """``(ea_scale·F̄ + fresh_scale·F + damping·I)^{-1} vecs``."""
+
+    @abstractmethod
+    def matvec(
+        self,
+        vecs: Sequence[Tensor],
+        damping: float,
+        ea_scale: float = 1.0,
+        fresh_scale: float = 0.0,
+    ) -> list[Tensor]:
+        """``(ea_scale·F̄ + fresh_scale·F + damping·I) vecs``."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors needed to continue bit-exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    def drop_fresh(self) -> None:
+        """Forget the fresh estimate once the refresh step is over (saves memory)."""
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def _ea(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
+    """Eq. 12/13 update; the first estimate seeds the average (F̄_0 = F_0)."""
+    if old is None:
+        return new.clone()
+    return old.mul(rho).add_(new, alpha=1.0 - rho)
+
+
+class KroneckerBlock(Block):
+    """K-FAC block ``Ā ⊗ Γ̄`` of an ``nn.Linear`` or ``nn.Conv2d`` (KFC) layer.
+
+    The weight (and bias, as a homogeneous coordinate ``ā = [a, 1]``) is viewed as the
+    matrix ``W`` of shape ``(out, in_features [+1])``; with column-major ``vec``,
+    ``(A ⊗ Γ) vec(V) = vec(Γ V A)``. Factors (eq. 11, DESIGN section 3)::
+
+        A = (1/N) Σ_rows ā ā^T          (rows: examples, and spatial positions for conv)
+        Γ = (1/R) Σ_rows δ δ^T          (R rows of per-example output gradients δ)
+
+    so a 1x1 convolution on a 1x1 image gives exactly the Linear block, and for conv
+    ``A ⊗ Γ`` is KFC's ``Ω ⊗ Γ`` (Grosse and Martens, 2016).
+    """
+
+    kind = "kronecker"
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        params = [module.weight] + ([module.bias] if module.bias is not None else [])
+        super().__init__(params, name)
+        self.module = module
+        self.has_bias = module.bias is not None
+        self.A_bar: Tensor | None = None
+        self.G_bar: Tensor | None = None
+        self.A_fresh: Tensor | None = None
+        self.G_fresh: Tensor | None = None
+        self.evals_A: Tensor | None = None
+        self.evecs_A: Tensor | None = None
+        self.evals_G: Tensor | None = None
+        self.evecs_G: Tensor | None = None
+        # cache for the "augmented" Q solve of the current refresh step
+        self._aug: tuple[float, Tensor, Tensor, Tensor, Tensor] | None = None
+
+    # -- statistics -------------------------------------------------------------------
+    def _rows(self, x: Tensor) -> Tensor:
+        """Layer input → rows ``ā`` (im2col for convolutions)."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding,
+                            stride=m.stride)  # (N, C*kh*kw, L)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def _delta_rows(self, delta: Tensor) -> Tensor:
+        if isinstance(self.module, nn.Conv2d):
+            return delta.movedim(1, -1).reshape(-1, delta.shape[1])
+        return delta.reshape(-1, delta.shape[-1])
+
+    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
+        inputs = capture.inputs.get(self.module, [])
+        deltas = capture.deltas.get(self.module, [])
+        if not inputs or not deltas:
+            raise RuntimeError(
+                f"no activations/gradients were captured for layer {self.name!r} on a curvature "
+                "refresh step: run a forward pass (with grad enabled) and loss.backward() "
+                "through this layer before optimizer.step()"
+            )
+        n = sum(x.shape[0] for x in inputs)
+        A = sum(r.T @ r for r in map(self._rows, inputs)) / n
+        drows = [self._delta_rows(d) for d in deltas]
+        G = sum(r.T @ r for r in drows) / sum(r.shape[0] for r in drows)
+        return {"A": A, "G": G}
+
+    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
+        self.A_fresh, self.G_fresh = fresh["A"], fresh["G"]
+        self.A_bar = _ea(self.A_bar, fresh["A"], rho)
+        self.G_bar = _ea(self.G_bar, fresh["G"], rho)
+        self.initialized = True
+        self.evals_A, self.evecs_A = sym_eig(self.A_bar, f"A of {self.name}")
+        self.evals_G, self.evecs_G = sym_eig(self.G_bar, f"Gamma of {self.name}")
+        self._aug = None
+
+    def drop_fresh(self) -> None:
+        self.A_fresh = self.G_fresh = None
+        self._aug = None
+
+    # -- vector layout ----------------------------------------------------------------
+    def _to_mat(self, vecs: Sequence[Tensor]) -> Tensor:
+        w = vecs[0].reshape(vecs[0].shape[0], -1)
+        if self.has_bias:
+            return torch.cat([w, vecs[1].unsqueeze(1)], dim=1)
+        return w
+
+    def _from_mat(self, mat: Tensor) -> list[Tensor]:
+        w = self.params[0]
+        if self.has_bias:
+            return [mat[:, :-1].reshape(w.shape), mat[:, -1].contiguous()]
+        return [mat.reshape(w.shape)]
+
+    # -- solves -----------------------------------------------------------------------
+    def _eig_diag(self, ea_scale: float, damping: float) -> Tensor:
+        return torch.outer(self.evals_G, self.evals_A).mul_(ea_scale).add_(damping)
+
+    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
+        if not self.initialized:
+            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+        V = self._to_mat(vecs)
+        QA, QG = self.evecs_A, self.evecs_G
+        if fresh_scale == 0.0:
+            # exact in the eigenbasis: (e Ā⊗Γ̄ + γI)^{-1} = (QA⊗QG) (e dA⊗dG + γ)^{-1} (QA⊗QG)^T
+            Vt = QG.T @ V @ QA
+            return self._from_mat(QG @ (Vt / self._eig_diag(ea_scale, damping)) @ QA.T)
+        if self.A_fresh is None:
+            raise RuntimeError(f"fresh factors of {self.name!r} are only kept on refresh steps")
+        if method == "augmented":
+            return self._from_mat(self._solve_augmented(V, damping, ea_scale, fresh_scale))
+        return self._from_mat(self._solve_cg(V, damping, ea_scale, fresh_scale))
+
+    def _solve_augmented(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
+        """The released code's ``(eĀ + fA) ⊗ (Γ̄ + fΓ) + γI`` (not the exact Kronecker sum)."""
+        if self._aug is None or self._aug[0] != f:
+            dA, QA = sym_eig(e * self.A_bar + f * self.A_fresh, f"augmented A of {self.name}")
+            dG, QG = sym_eig(self.G_bar + f * self.G_fresh, f"augmented Gamma of {self.name}")
+            self._aug = (f, dA, QA, dG, QG)
+        _, dA, QA, dG, QG = self._aug
+        Vt = QG.T @ V @ QA
+        return QG @ (Vt / (torch.outer(dG, dA) + damping)) @ QA.T
+
+    def _solve_cg(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
+        """Exact solve of ``e Ā⊗Γ̄ + f A⊗Γ + γI`` by CG in the eigenbasis of ``Ā, Γ̄``.
+
+        In that basis the first term is diagonal, ``A⊗Γ`` becomes ``Â⊗Γ̂`` with
+        ``Â = QAᵀ A QA``; the Jacobi preconditioner uses the exact diagonal
+        ``e·dΓ dAᵀ + f·diag(Γ̂) diag(Â)ᵀ + γ``. Runs in float64 so that the residual bound
+        of DESIGN section 3 (1e-6) is reachable from float32 factors.
+        """
+        dt = V.dtype
+        QA, QG = self.evecs_A.double(), self.evecs_G.double()
+        Ah = QA.T @ self.A_fresh.double() @ QA
+        Gh = QG.T @ self.G_fresh.double() @ QG
+        D = torch.outer(self.evals_G.double(), self.evals_A.double()) * e + damping
+        Vt = QG.T @ V.double() @ QA
+
+        def op(X: Tensor) -> Tensor:
+            return D * X + f * (Gh @ X @ Ah)
+
+        precond = 1.0 / (D + f * torch.outer(torch.diagonal(Gh), torch.diagonal(Ah)))
+        X, rel, _ = conjugate_gradient(op, Vt, precond, rtol=EXACT_SOLVE_RTOL * 0.5)
+        self.last_residual = rel
+        if rel > EXACT_SOLVE_RTOL:
+            raise CurvatureError(
+                f"q_solve='exact' did not reach relative residual {EXACT_SOLVE_RTOL:g} for "
+                f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
+            )
+        return (QG @ X @ QA.T).to(dt)
+
+    def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
+        V = self._to_mat(vecs)
+        QA, QG = self.evecs_A, self.evecs_G
+        out = QG @ ((QG.T @ V @ QA) * self._eig_diag(ea_scale, damping)) @ QA.T
+        if fresh_scale != 0.0:
+            out = out + fresh_scale * (self.G_fresh @ V @ self.A_fresh)
+        return self._from_mat(out)
+
+    # -- persistence --------------------------------------------------------------------
+    _KEYS = ("A_bar", "G_bar", "evals_A", "evecs_A", "evals_G", "evecs_G")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in self._KEYS if getattr(self, k) is not None}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self._KEYS:
+            ref = self.params[0]
+            setattr(self, k, state[k].to(ref.device) if k in state else None)
+        self.initialized = self.A_bar is not None
+        self.drop_fresh()
+
+
+class DiagonalBlock(Block):
+    """Diagonal block for any other tensor (BatchNorm, LayerNorm, embeddings, ...).
+
+    The fresh estimate is ``N·ḡ²`` with ``ḡ`` the batch-mean gradient (of the sampled-label
+    loss for ``fisher="mc"``, of the training loss for ``"empirical"``): for zero-mean
+    per-example scores ``E[N ḡ²] = diag(F)``, so it estimates the Fisher diagonal without
+    per-example gradients.
+    """
+
+    kind = "diagonal"
+
+    def __init__(self, param: nn.Parameter, name: str) -> None:
+        super().__init__([param], name)
+        self.F_bar: Tensor | None = None
+        self.F_fresh: Tensor | None = None
+
+    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
+        p = self.params[0]
+        if capture.fisher == "mc":
+            est = capture.diag_sq.get(p)
+            if est is None:
+                raise RuntimeError(
+                    f"no sampled-label gradient was captured for {self.name!r} on a curvature "
+                    "refresh step: run a forward pass with grad enabled before optimizer.step()"
+                )
+            return {"F": est}
+        n = capture.batch_size()
+        return {"F": grads[0].square() * n}
+
+    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
+        self.F_fresh = fresh["F"]
+        self.F_bar = _ea(self.F_bar, fresh["F"], rho)
+        self.initialized = True
+
+    def drop_fresh(self) -> None:
+        self.F_fresh = None
+
+    def _diag(self, damping: float, e: float, f: float) -> Tensor:
+        d = self.F_bar * e + damping
+        if f != 0.0:
+            d = d + f * self.F_fresh
+        return d
+
+    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
+        if not self.initialized:
+            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+        return [vecs[0] / self._diag(damping, ea_scale, fresh_scale)]
+
+    def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
+        return [vecs[0] * self._diag(damping, ea_scale, fresh_scale)]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.F_bar is None else {"F_bar": self.F_bar}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.F_bar = state.get("F_bar")
+        if self.F_bar is not None:
+            self.F_bar = self.F_bar.to(self.params[0].device)
+        self.initialized = self.F_bar is not None
+        self.F_fresh = None
+
+
+def kronecker_supported(module: nn.Module) -> bool:
+    """Whether a module gets a Kronecker block (else its tensors get diagonal blocks)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(
+            module.padding, str
+        )
+    return False
+
+
+__all__ = [
+    "Block",
+    "CurvatureError",
+    "DiagonalBlock",
+    "EXACT_SOLVE_RTOL",
+    "KroneckerBlock",
+    "kronecker_supported",
+]

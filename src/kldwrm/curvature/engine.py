@@ -1,0 +1,188 @@
+"""The curvature engine: one object that every step rule shares.
+
+It builds the block-diagonal curvature of a model (Kronecker blocks for ``nn.Linear`` and
+``nn.Conv2d``, diagonal blocks for every other trainable tensor, or dense blocks in
+research mode), arms the capture hooks on refresh steps only, folds fresh estimates into
+the exponential average (eqs. 12-13, with infrequent updates as in eq. 20), and maps
+parameter-shaped vectors through the damped solves and matrix-vector products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import Block, DiagonalBlock, KroneckerBlock, kronecker_supported
+from .capture import Capture
+from .dense import DenseBlock, dense_fishers
+
+CURVATURES = ("kron", "dense")
+DENSE_SCOPES = ("model", "layer")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module behind a ``DistributedDataParallel``/``DataParallel`` wrapper."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ in (
+        "DistributedDataParallel",
+        "DataParallel",
+    ):
+        return inner
+    return model
+
+
+class CurvatureEngine:
+    """Block-diagonal curvature over ``params`` (a flat, ordered list of tensors)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter],
+        *,
+        fisher: str,
+        likelihood: str,
+        curvature: str = "kron",
+        dense_scope: str = "model",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.root = model
+        self.model = unwrap(model)
+        self.params = list(params)
+        self.fisher = fisher
+        self.likelihood = likelihood
+        self.curvature = curvature
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.blocks: list[Block] = []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        unknown = [i for i, p in enumerate(self.params) if id(p) not in names]
+        if unknown:
+            raise ValueError(
+                "every optimized tensor must be a parameter of the model passed as the first "
+                f"argument; parameters at positions {unknown} are not"
+            )
+        covered: set[int] = set()
+        if curvature == "dense":
+            if dense_scope == "model":
+                self.blocks.append(DenseBlock(self.params, "model"))
+                covered.update(id(p) for p in self.params)
+            else:
+                for mname, m in self.model.named_modules():
+                    ps = [p for p in m.parameters(recurse=False) if id(p) in index]
+                    if ps:
+                        self.blocks.append(DenseBlock(ps, mname or "model"))
+                        covered.update(id(p) for p in ps)
+        else:
+            for mname, m in self.model.named_modules():
+                if not kronecker_supported(m):
+                    continue
+                own = [m.weight] + ([m.bias] if m.bias is not None else [])
+                if all(id(p) in index for p in own):
+                    self.blocks.append(KroneckerBlock(m, mname))
+                    covered.update(id(p) for p in own)
+        for p in self.params:
+            if id(p) not in covered:
+                self.blocks.append(DiagonalBlock(p, names[id(p)]))
+        # positions of each block's tensors in the flat parameter list
+        self.slots: list[list[int]] = [[index[id(p)] for p in b.params] for b in self.blocks]
+        kron = [b.module for b in self.blocks if isinstance(b, KroneckerBlock)]
+        diag = [b.params[0] for b in self.blocks if isinstance(b, DiagonalBlock)]
+        self.capture = Capture(
+            self.root,
+            kron,
+            diag,
+            fisher=fisher,
+            likelihood=likelihood,
+            generator=generator,
+            record_root=curvature == "dense",
+        )
+
+    # -- refresh ----------------------------------------------------------------------
+    def arm(self, on: bool) -> None:
+        """Install (``on``) or remove the capture hooks for the next forward pass."""
+        if on:
+            self.capture.arm()
+        else:
+            self.capture.disarm()
+
+    def fresh_estimates(self, grads: Sequence[Tensor]) -> list[dict[str, Tensor]] | None:
+        """Fresh estimates of every block from this step's capture; ``None`` if non-finite.
+
+        Nothing is modified, so a step with non-finite statistics can be skipped cleanly.
+        """
+        dense = [b for b in self.blocks if isinstance(b, DenseBlock)]
+        if dense:
+            self.capture.snapshot_generator()
+            dense_fishers(self.model, dense, self.capture, self.fisher, self.likelihood)
+        out = []
+        for b, slot in zip(self.blocks, self.slots, strict=True):
+            out.append(b.fresh(self.capture, [grads[i] for i in slot]))
+        flat = [t.reshape(-1) for est in out for t in est.values()]
+        if flat and not bool(torch.isfinite(torch.cat(flat)).all()):
+            return None
+        return out
+
+    def fold(self, estimates: list[dict[str, Tensor]], rho: float) -> None:
+        """EA update and re-decomposition of every block (eqs. 12-13)."""
+        for b, est in zip(self.blocks, estimates, strict=True):
+            b.fold(est, rho)
+
+    def end_refresh(self) -> None:
+        """Drop fresh estimates and captured tensors once the refresh step is done."""
+        for b in self.blocks:
+            b.drop_fresh()
+        self.capture.clear()
+
+    # -- linear algebra on parameter-shaped vectors --------------------------------------
+    def solve(
+        self,
+        vecs: Sequence[Tensor],
+        scales: Sequence[tuple[float, float, float]],
+        method: str = "exact",
+    ) -> list[Tensor]:
+        """Blockwise ``(e·F̄ + f·F + γI)^{-1} v``; ``scales[group] = (e, f, γ)``."""
+        out: list[Tensor] = [None] * len(vecs)  # type: ignore[list-item]
+        for b, slot in zip(self.blocks, self.slots, strict=True):
+            e, f, damping = scales[b.group]
+            res = b.solve([vecs[i] for i in slot], damping, e, f, method)
+            for i, r in zip(slot, res, strict=True):
+                out[i] = r
+        return out
+
+    def matvec(
+        self, vecs: Sequence[Tensor], scales: Sequence[tuple[float, float, float]]
+    ) -> list[Tensor]:
+        """Blockwise ``(e·F̄ + f·F + γI) v``; ``scales[group] = (e, f, γ)``."""
+        out: list[Tensor] = [None] * len(vecs)  # type: ignore[list-item]
+        for b, slot in zip(self.blocks, self.slots, strict=True):
+            e, f, damping = scales[b.group]
+            res = b.matvec([vecs[i] for i in slot], damping, e, f)
+            for i, r in zip(slot, res, strict=True):
+                out[i] = r
+        return out
+
+    # -- persistence --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {f"{i}:{b.kind}:{b.name}": b.state_dict() for i, b in enumerate(self.blocks)}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        keys = list(state)
+        if len(keys) != len(self.blocks):
+            raise ValueError(
+                f"curvature state has {len(keys)} blocks but this model has {len(self.blocks)}"
+            )
+        for i, (b, k) in enumerate(zip(self.blocks, keys, strict=True)):
+            if k != f"{i}:{b.kind}:{b.name}":
+                raise ValueError(f"curvature state block {k!r} does not match {b.kind}:{b.name}")
+            b.load_state_dict(state[k])
+
+    def describe(self) -> list[tuple[str, str, int]]:
+        """``(name, kind, numel)`` for each block, e.g. to show which layers are Kronecker."""
+        return [(b.name, b.kind, b.numel()) for b in self.blocks]
+
+    def state_bytes(self) -> int:
+        """Bytes held by the curvature (factors and decompositions)."""
+        return sum(
+            t.numel() * t.element_size() for b in self.blocks for t in b.state_dict().values()
+        )

@@ -1,0 +1,15 @@
+"""Step rules: what each algorithm does with the shared curvature engine."""
+
+from .base import CurvatureOptimizer, NonFiniteGradientWarning
+from .kfac import KFAC
+from .q import Q_SOLVES, QKLDWRM
+from .so import SOKLDWRM
+
+__all__ = [
+    "KFAC",
+    "QKLDWRM",
+    "Q_SOLVES",
+    "SOKLDWRM",
+    "CurvatureOptimizer",
+    "NonFiniteGradientWarning",
+]

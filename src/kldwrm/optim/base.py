@@ -1,0 +1,307 @@
+"""Shared machinery of every curvature-based step rule (DESIGN sections 1 and 3).
+
+:class:`CurvatureOptimizer` owns the curvature engine, the refresh schedule (eq. 20), the
+non-finite guard, weight decay, the KL and block clips and persistence. A step rule only
+says which vector ``u`` it preconditions and with which system (:meth:`_direction`), and
+what it remembers for the next step (:meth:`_after_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .._validation import (
+    check_choice,
+    check_int_at_least,
+    check_nonnegative,
+    check_optional_positive,
+    check_positive,
+    check_unit_interval,
+)
+from ..curvature import (
+    CURVATURES,
+    DENSE_SCOPES,
+    FISHER_TYPES,
+    LIKELIHOODS,
+    CurvatureEngine,
+    unwrap,
+)
+
+logger = logging.getLogger(__name__)
+
+#: (ea_scale e, fresh_scale f, damping γ) for one parameter group: the system e·F̄ + f·F + γI
+Scales = tuple[float, float, float]
+
+
+class NonFiniteGradientWarning(RuntimeWarning):
+    """Issued (once per optimizer) when a step is skipped for NaN/Inf gradients."""
+
+
+class CurvatureOptimizer(Optimizer):
+    """Base class of :class:`KFAC`, :class:`SOKLDWRM`, :class:`QKLDWRM` and :class:`QEKLDWRM`.
+
+    Args:
+        model: the ``nn.Module`` being trained (a DDP wrapper is accepted); the curvature
+            needs its layers.
+        lr: learning rate ``1/λ``; any ``torch.optim.lr_scheduler`` may change it (the
+            paper's variable step size ``λ^(k)``).
+        rho: ρ in [0, 1), EA decay of the curvature (and of the wake, for KLD-WRM).
+        damping: γ >= 0, Tikhonov damping added to the averaged curvature.
+        weight_decay: L2 coefficient added to the gradient *before* preconditioning.
+        kl_clip: K-FAC's KL-based step rescaling (``None`` turns it off).
+        update_freq: ``N_u`` of eq. 20; the curvature is refreshed at steps 0, N_u, 2N_u...
+        fisher: ``"mc"`` (labels sampled from the model, eq. 5), ``"empirical"`` (the
+            training labels), or ``"exact"`` (closed form; ``curvature="dense"`` only).
+        likelihood: ``"categorical"`` (softmax classification) or ``"gaussian"``
+            (unit-variance regression, eq. 32).
+        block_clip: per-tensor RMS clip of the preconditioned direction (``None`` off).
+        curvature: ``"kron"`` (K-FAC blocks) or ``"dense"`` (full Fisher; small models).
+        dense_scope: with ``curvature="dense"``, one block for the ``"model"`` or one per
+            ``"layer"`` (module).
+        params: optional parameters or parameter groups (default: every trainable parameter
+            of ``model``); each group may set its own ``lr``, ``weight_decay``, ``damping``.
+        seed: seed of the generator used to sample Fisher labels (default derived from
+            ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        rho: float,
+        damping: float,
+        weight_decay: float,
+        kl_clip: float | None,
+        update_freq: int,
+        fisher: str,
+        likelihood: str,
+        block_clip: float | None = None,
+        curvature: str = "kron",
+        dense_scope: str = "model",
+        params: Iterable[Any] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"the first argument must be the nn.Module being trained, got {type(model)!r}"
+            )
+        check_positive("lr", lr)
+        check_unit_interval("rho", rho)
+        check_nonnegative("damping", damping)
+        check_nonnegative("weight_decay", weight_decay)
+        check_optional_positive("kl_clip", kl_clip)
+        check_optional_positive("block_clip", block_clip)
+        check_int_at_least("update_freq", update_freq, 1)
+        check_choice("fisher", fisher, FISHER_TYPES)
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("curvature", curvature, CURVATURES)
+        check_choice("dense_scope", dense_scope, DENSE_SCOPES)
+        if fisher == "exact" and curvature != "dense":
+            raise ValueError(
+                "fisher='exact' is only available with curvature='dense'; "
+                "use fisher='mc' or 'empirical' with Kronecker curvature"
+            )
+        if params is None:
+            params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        defaults = dict(lr=lr, damping=damping, weight_decay=weight_decay)
+        params = list(params)
+        if not params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            check_positive(f"param_groups[{i}]['lr']", group["lr"])
+            check_nonnegative(f"param_groups[{i}]['damping']", group["damping"])
+            check_nonnegative(f"param_groups[{i}]['weight_decay']", group["weight_decay"])
+        self.rho = rho
+        self.kl_clip = kl_clip
+        self.block_clip = block_clip
+        self.update_freq = update_freq
+        self.fisher = fisher
+        self.likelihood = likelihood
+        self._params: list[nn.Parameter] = [p for g in self.param_groups for p in g["params"]]
+        self._group_of: list[int] = [
+            gi for gi, g in enumerate(self.param_groups) for _ in g["params"]
+        ]
+        device = self._params[0].device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(
+            (torch.initial_seed() + 1) % (2**63) if seed is None else int(seed)
+        )
+        self.engine = CurvatureEngine(
+            model,
+            self._params,
+            fisher=fisher,
+            likelihood=likelihood,
+            curvature=curvature,
+            dense_scope=dense_scope,
+            generator=self.generator,
+        )
+        for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
+            block.group = self._group_of[slot[0]]
+        self.steps_taken = 0
+        self.skipped_steps = 0
+        self._warned_nonfinite = False
+        self.engine.arm(True)
+
+    # -- the step ----------------------------------------------------------------------
+    @property
+    def is_refresh_step(self) -> bool:
+        """Whether the next :meth:`step` refreshes the curvature (eq. 20)."""
+        return self.steps_taken % self.update_freq == 0
+
+    def _lr(self, i: int) -> float:
+        return self.param_groups[self._group_of[i]]["lr"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Take one step; gradients must already be in ``p.grad`` (or use ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params
+        if all(p.grad is None for p in params):
+            raise RuntimeError(
+                "optimizer.step() found no gradients: call loss.backward() before step()"
+            )
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        refresh = self.is_refresh_step
+        norms = torch._foreach_norm(grads, math.inf)
+        finite = bool(torch.isfinite(torch.stack(norms)).all())
+        estimates = None
+        if finite and refresh:
+            estimates = self.engine.fresh_estimates(grads)
+            finite = estimates is not None
+        if not finite:
+            self._skip()
+            return loss
+        self.engine.capture.gen_snapshot = None
+        if refresh:
+            self.engine.fold(estimates, self.rho)
+        g = self._full_gradient(grads)
+        steps = self._compute_step(g, refresh)
+        torch._foreach_add_(params, steps)
+        self._after_step(g, steps, refresh)
+        if refresh:
+            self.engine.end_refresh()
+        self.steps_taken += 1
+        self.engine.arm(self.is_refresh_step)
+        return loss
+
+    def _skip(self) -> None:
+        """Leave parameters and state untouched; only the skip counter moves."""
+        self.skipped_steps += 1
+        cap = self.engine.capture
+        if cap.gen_snapshot is not None:  # undo the labels sampled for this bad batch
+            self.generator.set_state(cap.gen_snapshot)
+            cap.gen_snapshot = None
+        cap.clear()
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: skipped a step with non-finite gradients or curvature "
+                "(parameters and optimizer state unchanged; further skips are counted in "
+                "optimizer.skipped_steps without warning)",
+                NonFiniteGradientWarning,
+                stacklevel=3,
+            )
+        logger.debug("skipped step %d (non-finite)", self.steps_taken)
+
+    def _full_gradient(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """``g_k`` of DESIGN section 3: the gradient including the weight-decay term."""
+        out = []
+        for i, (p, gr) in enumerate(zip(self._params, grads, strict=True)):
+            wd = self.param_groups[self._group_of[i]]["weight_decay"]
+            out.append(gr.add(p, alpha=wd) if wd != 0 else gr.clone())
+        return out
+
+    def _compute_step(self, g: list[Tensor], refresh: bool) -> list[Tensor]:
+        """The step ``s = -lr·ν·c·d`` actually taken (DESIGN section 3, clipping)."""
+        d, u = self._direction(g, refresh)
+        return self._clipped_step(d, u)
+
+    def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor]:
+        lrs = [self._lr(i) for i in range(len(d))]
+        nu = 1.0
+        if self.kl_clip is not None:
+            vdotu = float(sum(lr * lr * torch.sum(di * ui) for lr, di, ui in zip(lrs, d, u)))
+            if vdotu != 0.0:
+                nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
+        steps = []
+        for lr, di in zip(lrs, d, strict=True):
+            c = 1.0
+            if self.block_clip is not None:
+                rms = float(di.square().mean().sqrt())
+                if rms > 0:
+                    c = min(1.0, self.block_clip / rms)
+            steps.append(di * (-lr * nu * c))
+        self.last_kl_scale = nu
+        return steps
+
+    def _scales(self, e_of_lr: Callable[[float], float] = lambda lr: 1.0,
+                f_of_lr: Callable[[float], float] = lambda lr: 0.0) -> list[Scales]:
+        return [(e_of_lr(g["lr"]), f_of_lr(g["lr"]), g["damping"]) for g in self.param_groups]
+
+    # -- what a step rule defines -----------------------------------------------------------
+    def _direction(self, g: list[Tensor], refresh: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """Return ``(d, u)``: the preconditioned direction and the vector preconditioned."""
+        raise NotImplementedError
+
+    def _after_step(self, g: list[Tensor], steps: list[Tensor], refresh: bool) -> None:
+        """Update the rule's recursion state with the step actually taken."""
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for bit-exact continuation (tensors and plain values only)."""
+        sd = super().state_dict()
+        sd["kldwrm"] = {
+            "version": 1,
+            "steps_taken": self.steps_taken,
+            "skipped_steps": self.skipped_steps,
+            "generator": self.generator.get_state(),
+            "curvature": self.engine.state_dict(),
+            "rule": self._rule_state(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("kldwrm", None)
+        if extra is None:
+            raise ValueError(
+                f"this state_dict was not saved by a kldwrm optimizer ({type(self).__name__})"
+            )
+        super().load_state_dict(state_dict)
+        self.steps_taken = int(extra["steps_taken"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        self.generator.set_state(extra["generator"].cpu())
+        self.engine.load_state_dict(extra["curvature"])
+        self._load_rule_state(extra.get("rule", {}))
+        self.engine.arm(False)
+        self.engine.arm(self.is_refresh_step)
+
+    def _rule_state(self) -> dict[str, Any]:
+        """Rule state that is not per-parameter (kept in ``state_dict()['kldwrm']['rule']``)."""
+        return {}
+
+    def _load_rule_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state: curvature plus per-parameter recursion vectors."""
+        per_param = sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, Tensor)
+        )
+        return self.engine.state_bytes() + per_param
