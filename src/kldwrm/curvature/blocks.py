@@ -81,6 +81,7 @@ class Block(ABC):
 
     def drop_fresh(self) -> None:
         """Forget the fresh estimate once the refresh step is over (saves memory)."""
+        return None
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)

@@ -233,7 +233,8 @@ class CurvatureOptimizer(Optimizer):
         lrs = [self._lr(i) for i in range(len(d))]
         nu = 1.0
         if self.kl_clip is not None:
-            vdotu = float(sum(lr * lr * torch.sum(di * ui) for lr, di, ui in zip(lrs, d, u)))
+            terms = zip(lrs, d, u, strict=True)
+            vdotu = float(sum(lr * lr * torch.sum(di * ui) for lr, di, ui in terms))
             if vdotu != 0.0:
                 nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
         steps = []
