@@ -19,7 +19,7 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
     "q": dict(lr=0.01, rho=0.5, damping=1e-2, weight_decay=1e-3, kl_clip=0.1, update_freq=30,
               block_clip=2.0),
     "qe": dict(lr=0.01, rho=0.5, damping=1e-2, weight_decay=1e-3, kl_clip=0.1, update_freq=30,
-               block_clip=2.0, window=4, inner_steps=10, inner_lr=7e-4 * 0.01,
+               block_clip=2.0, window=4, inner_steps=10, inner_lr=7e-4,  # ω/λ, absolute
                kl_weight=1.0 / 330),
 }
 

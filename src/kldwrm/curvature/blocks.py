@@ -128,16 +128,27 @@ class KroneckerBlock(Block):
 
     # -- statistics -------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:
-        """Layer input → rows ``ā`` (im2col for convolutions)."""
+        """Layer input → rows ``ā`` (im2col for convolutions).
+
+        For a convolution the patches are taken as a strided view of the (padded) input and
+        copied once, straight into the row layout, next to the homogeneous column: the same
+        matrix as ``F.unfold`` → transpose → ``cat`` in one copy instead of three.
+        """
         m = self.module
+        extra = 1 if self.has_bias else 0
         if isinstance(m, nn.Conv2d):
-            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                            stride=m.stride)  # (N, C*kh*kw, L)
-            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            patches = _conv_patches(x, m)  # view (N, oh, ow, C, kh, kw)
+            k = patches.shape[3] * patches.shape[4] * patches.shape[5]
+            rows = x.new_empty(patches.shape[0] * patches.shape[1] * patches.shape[2], k + extra)
+            rows[:, :k].view(patches.shape).copy_(patches)
         else:
-            rows = x.reshape(-1, x.shape[-1])
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            flat = x.reshape(-1, x.shape[-1])
+            if not extra:
+                return flat
+            rows = x.new_empty(flat.shape[0], flat.shape[1] + 1)
+            rows[:, :-1].copy_(flat)
+        if extra:
+            rows[:, -1].fill_(1.0)
         return rows
 
     def _delta_rows(self, delta: Tensor) -> Tensor:
@@ -325,6 +336,20 @@ class DiagonalBlock(Block):
             self.F_bar = self.F_bar.to(self.params[0].device)
         self.initialized = self.F_bar is not None
         self.F_fresh = None
+
+
+def _conv_patches(x: Tensor, m: nn.Conv2d) -> Tensor:
+    """Receptive fields of ``m`` as a view ``(N, oh, ow, C, kh, kw)`` of the padded input.
+
+    Column order ``(C, kh, kw)`` is ``F.unfold``'s (and the weight's); rows ``(N, oh, ow)``
+    are its positions in the same order. Only the padding (if any) copies the input.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    v = x.unfold(2, (kh - 1) * dh + 1, sh)[..., ::dh]  # (N, C, oh, W, kh)
+    v = v.unfold(3, (kw - 1) * dw + 1, sw)[..., ::dw]  # (N, C, oh, ow, kh, kw)
+    return v.permute(0, 2, 3, 1, 4, 5)
 
 
 def kronecker_supported(module: nn.Module) -> bool:

@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FISHER_TYPES = ("mc", "empirical", "exact")
+
+
+def _is_functorch_tensor(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
 LIKELIHOODS = ("categorical", "gaussian")
 
 
@@ -124,16 +129,20 @@ class Capture:
         if self.gen_snapshot is None and self.generator is not None:
             self.gen_snapshot = self.generator.get_state()
 
-    def _active(self) -> bool:
-        return self.armed and not self.paused and torch.is_grad_enabled()
+    def _active(self, t: object = None) -> bool:
+        """Capture only ordinary grad-enabled passes: not under ``no_grad``, not while paused,
+        and not inside ``torch.func`` transforms (their tensors must not escape)."""
+        if not (self.armed and not self.paused and torch.is_grad_enabled()):
+            return False
+        return not (isinstance(t, Tensor) and _is_functorch_tensor(t))
 
     # -- hooks ------------------------------------------------------------------------
     def _root_pre_hook(self, module, args, kwargs):
-        if self._active() and args:
+        if args and self._active(args[0]):
             self.root_inputs.append(args[0].detach())
 
     def _layer_hook(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if not self._active() or not isinstance(output, Tensor) or not output.requires_grad:
+        if not isinstance(output, Tensor) or not self._active(output) or not output.requires_grad:
             return
         self.inputs.setdefault(module, []).append(inputs[0].detach())
         if self.fisher == "empirical":
@@ -145,7 +154,7 @@ class Capture:
             self._outputs[module] = output
 
     def _root_hook(self, module, args, kwargs, output) -> None:
-        if not self._active() or not isinstance(output, Tensor):
+        if not isinstance(output, Tensor) or not self._active(output):
             return
         n = output.shape[0]
         self.batch_sizes.append(n)

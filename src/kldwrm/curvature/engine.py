@@ -114,7 +114,11 @@ class CurvatureEngine:
         dense = [b for b in self.blocks if isinstance(b, DenseBlock)]
         if dense:
             self.capture.snapshot_generator()
-            dense_fishers(self.model, dense, self.capture, self.fisher, self.likelihood)
+            self.capture.paused = True  # functional re-evaluation must not be captured
+            try:
+                dense_fishers(self.model, dense, self.capture, self.fisher, self.likelihood)
+            finally:
+                self.capture.paused = False
         out = []
         for b, slot in zip(self.blocks, self.slots, strict=True):
             out.append(b.fresh(self.capture, [grads[i] for i in slot]))

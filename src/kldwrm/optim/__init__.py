@@ -3,10 +3,12 @@
 from .base import CurvatureOptimizer, NonFiniteGradientWarning
 from .kfac import KFAC
 from .q import Q_SOLVES, QKLDWRM
+from .qe import QEKLDWRM
 from .so import SOKLDWRM
 
 __all__ = [
     "KFAC",
+    "QEKLDWRM",
     "QKLDWRM",
     "Q_SOLVES",
     "SOKLDWRM",

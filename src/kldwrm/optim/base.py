@@ -218,6 +218,12 @@ class CurvatureOptimizer(Optimizer):
 
     def _full_gradient(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """``g_k`` of DESIGN section 3: the gradient including the weight-decay term."""
+        wds = {g["weight_decay"] for g in self.param_groups}
+        if len(wds) == 1:  # the usual case: one fused op over all tensors
+            wd = wds.pop()
+            if wd != 0:
+                return torch._foreach_add(list(grads), self._params, alpha=wd)
+            return [gr.clone() for gr in grads]
         out = []
         for i, (p, gr) in enumerate(zip(self._params, grads, strict=True)):
             wd = self.param_groups[self._group_of[i]]["weight_decay"]
@@ -230,23 +236,28 @@ class CurvatureOptimizer(Optimizer):
         return self._clipped_step(d, u)
 
     def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor]:
+        # one host sync per clip and fused (foreach) ops: no per-tensor float() calls
         lrs = [self._lr(i) for i in range(len(d))]
         nu = 1.0
         if self.kl_clip is not None:
-            terms = zip(lrs, d, u, strict=True)
-            vdotu = float(sum(lr * lr * torch.sum(di * ui) for lr, di, ui in terms))
+            dots = torch.stack(
+                [torch.dot(di.reshape(-1), ui.reshape(-1)) for di, ui in zip(d, u, strict=True)]
+            )
+            if len(set(lrs)) == 1:
+                vdotu = lrs[0] * lrs[0] * float(dots.sum())
+            else:
+                vdotu = float((dots * dots.new_tensor([lr * lr for lr in lrs])).sum())
             if vdotu != 0.0:
                 nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
-        steps = []
-        for lr, di in zip(lrs, d, strict=True):
-            c = 1.0
-            if self.block_clip is not None:
-                rms = float(di.square().mean().sqrt())
+        cs = [1.0] * len(d)
+        if self.block_clip is not None:
+            norms = torch.stack(torch._foreach_norm(list(d))).tolist()
+            for i, (nrm, di) in enumerate(zip(norms, d, strict=True)):
+                rms = nrm / math.sqrt(di.numel()) if di.numel() else 0.0
                 if rms > 0:
-                    c = min(1.0, self.block_clip / rms)
-            steps.append(di * (-lr * nu * c))
+                    cs[i] = min(1.0, self.block_clip / rms)
         self.last_kl_scale = nu
-        return steps
+        return torch._foreach_mul(list(d), [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)])
 
     def _scales(self, e_of_lr: Callable[[float], float] = lambda lr: 1.0,
                 f_of_lr: Callable[[float], float] = lambda lr: 0.0) -> list[Scales]:

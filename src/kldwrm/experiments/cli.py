@@ -1,0 +1,516 @@
+"""Command line interface: ``kldwrm {train,compare,reproduce,report}``.
+
+This is the only module of the package that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_OPTIMIZERS = ("sgd", "adam", "kfac", "so", "q", "qe")
+
+
+def _opt_float(text: str) -> float | None:
+    """A float, or None for 'none'/'off'."""
+    if text.strip().lower() in ("none", "off", "null"):
+        return None
+    return float(text)
+
+
+def _fraction(text: str) -> float:
+    """A float that may be written as a fraction such as 1/330."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _seeds(values: Sequence[str]) -> list[int]:
+    """Seeds from '0-9', '0,1,2' or '3 4 5'."""
+    out: list[int] = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    if not out:
+        raise argparse.ArgumentTypeError("no seeds given")
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset", default="mnist", help="mnist, fashion-mnist or regression (default: mnist)"
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="directory with the IDX .gz files (searched first)"
+    )
+    p.add_argument(
+        "--subset", type=int, default=None, help="use only the first N training examples"
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default 512)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (per worker for sweeps; default: split the CPUs)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_hyperparameters(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "optimizer hyperparameters (only those given are passed; the rest are "
+        "kldwrm.make_optimizer's defaults, the paper's settings)"
+    )
+    g.add_argument("--lr", type=float, help="learning rate 1/λ")
+    g.add_argument("--rho", type=float, help="EA decay ρ")
+    g.add_argument("--damping", type=float, help="damping γ")
+    g.add_argument("--weight-decay", type=float, help="L2 term added to the gradient")
+    g.add_argument(
+        "--kl-clip", type=_opt_float, default=argparse.SUPPRESS, help="K-FAC KL clip ('none' off)"
+    )
+    g.add_argument("--update-freq", type=int, help="curvature refresh period N_u")
+    g.add_argument("--fisher", choices=("mc", "empirical"), help="Fisher type")
+    g.add_argument(
+        "--likelihood",
+        choices=("categorical", "gaussian"),
+        help="default: categorical, gaussian for --dataset regression",
+    )
+    g.add_argument(
+        "--block-clip",
+        type=_opt_float,
+        default=argparse.SUPPRESS,
+        help="per-tensor RMS clip (Q, QE; 'none' off)",
+    )
+    g.add_argument("--q-solve", choices=("exact", "augmented"), help="Q/QE refresh solve")
+    g.add_argument("--window", type=int, help="QE: stored iterates N_CAP")
+    g.add_argument("--inner-steps", type=int, help="QE: inner SGD steps N_IS")
+    g.add_argument("--inner-lr", type=float, help="QE: inner SGD learning rate (the paper's ω/λ)")
+    g.add_argument("--inner-momentum", type=float, help="QE: inner SGD momentum")
+    g.add_argument("--kl-weight", type=_fraction, help="QE: SKL weight, e.g. 1/330")
+    g.add_argument(
+        "--kl-train-mode",
+        action="store_true",
+        default=None,
+        help="QE: evaluate stored networks with dropout active (released quirk)",
+    )
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+
+
+_HP_NAMES = (
+    "lr",
+    "rho",
+    "damping",
+    "weight_decay",
+    "kl_clip",
+    "update_freq",
+    "fisher",
+    "likelihood",
+    "block_clip",
+    "q_solve",
+    "window",
+    "inner_steps",
+    "inner_lr",
+    "inner_momentum",
+    "kl_weight",
+    "kl_train_mode",
+    "momentum",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``kldwrm``."""
+    parser = argparse.ArgumentParser(
+        prog="kldwrm",
+        description="KLD-WRM / EA-KFAC experiments (Rethinking Exponential Averaging of "
+        "the Fisher).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model with one optimizer")
+    _add_common(p)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="paper-cnn, mlp, resnet-small, regression-mlp or module:factory "
+        "(default: paper-cnn; regression-mlp for --dataset regression)",
+    )
+    p.add_argument("--optimizer", default="kfac", choices=_OPTIMIZERS)
+    _add_hyperparameters(p)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default runs/train/<dataset>/<optimizer>/seed<k>)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--no-normalize", action="store_true", help="do not standardise inputs")
+    p.add_argument(
+        "--unnormalized-test",
+        action="store_true",
+        help="standardise training inputs only (released-code quirk)",
+    )
+
+    p = sub.add_parser("compare", help="short comparison of all optimizers (about 5 min)")
+    _add_common(p)
+    p.add_argument("--model", default="paper-cnn")
+    p.add_argument("--optimizers", nargs="+", default=list(_OPTIMIZERS), choices=_OPTIMIZERS)
+    p.add_argument("--seeds", nargs="+", default=["0"], help="e.g. 0-2 or 0 1 2 (default 0)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPUs)")
+    p.add_argument("--out", default="runs/compare")
+
+    p = sub.add_parser("reproduce", help="the paper's Table 1 protocol")
+    _add_common(p)
+    p.add_argument("--solvers", nargs="+", default=["kfac", "so", "q", "qe"], choices=_OPTIMIZERS)
+    p.add_argument("--seeds", nargs="+", default=["0-9"], help="default 0-9")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPUs)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default runs/reproduce (runs/reproduce-released with --as-released)",
+    )
+    p.add_argument("--lr", type=float, default=0.01)
+    q = p.add_argument_group("released-code quirks (default: corrected protocol)")
+    q.add_argument("--as-released", action="store_true", help="all quirks below")
+    q.add_argument("--empirical-fisher", action="store_true", help="fisher='empirical'")
+    q.add_argument("--augmented-q-solve", action="store_true", help="q_solve='augmented'")
+    q.add_argument(
+        "--unnormalized-test", action="store_true", help="normalise training inputs only"
+    )
+    q.add_argument(
+        "--kl-train-mode",
+        action="store_true",
+        help="QE: stored networks evaluated with dropout active",
+    )
+    q.add_argument(
+        "--released-qe-settings",
+        action="store_true",
+        help="QE: window 3, 7 inner steps, inner_lr 0.1·lr, momentum 0.5, kl_weight 1/660",
+    )
+    q.add_argument(
+        "--qe-inner-lr",
+        type=float,
+        default=None,
+        help="override QE's inner SGD learning rate (default 7e-4)",
+    )
+
+    p = sub.add_parser("report", help="Table 1, figures and time-to-98%% from a run directory")
+    p.add_argument("dir", help="directory with <dataset>/<solver>/seed<k>/metrics.csv")
+    p.add_argument("--out", default=None, help="where to write (default DIR/report)")
+    p.add_argument(
+        "--paper",
+        dest="paper",
+        action="store_true",
+        default=None,
+        help="show the paper's values (default: for mnist)",
+    )
+    p.add_argument("--no-paper", dest="paper", action="store_false")
+    return parser
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _SweepProgress:
+    """A tqdm bar over all optimizer steps of a sweep, fed by worker events."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.bar = tqdm(total=total, unit="step", disable=not enabled, dynamic_ncols=True)
+        self.pos: dict[tuple[str, int], int] = {}
+        self.nb: dict[tuple[str, int], int] = {}
+        self.epochs: dict[tuple[str, int], int] = {}
+
+    def set_epochs(self, key: tuple[str, int], epochs: int, nb: int) -> None:
+        self.epochs[key], self.nb[key] = epochs, nb
+
+    def _advance_to(self, key: tuple[str, int], pos: int) -> None:
+        delta = pos - self.pos.get(key, 0)
+        if delta > 0:
+            self.bar.update(delta)
+        self.pos[key] = max(pos, self.pos.get(key, 0))
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        key = (ev["solver"], ev["seed"])
+        kind = ev["kind"]
+        nb = self.nb.get(key, 1)
+        if kind == "skip":
+            self._advance_to(key, self.epochs.get(key, 0) * nb)
+            self.write(f"{ev['solver']} seed {ev['seed']}: finished earlier, skipped")
+        elif kind in ("epoch_start", "step"):
+            self._advance_to(key, (ev["epoch"] - 1) * nb + ev["batch"])
+            if kind == "step":
+                self.bar.set_postfix_str(
+                    f"{ev['solver']} s{ev['seed']} ep{ev['epoch']} loss {ev['loss']:.3f}"
+                )
+        elif kind == "epoch_end":
+            row = ev["row"]
+            self._advance_to(key, ev["epoch"] * nb)
+            acc = row["test_acc"]
+            acc_s = "" if math.isnan(acc) else f", test acc {100 * acc:.2f}%"
+            self.write(
+                f"{ev['solver']} seed {ev['seed']} epoch {ev['epoch']}: "
+                f"test loss {row['test_loss']:.4f}{acc_s}"
+            )
+        elif kind == "failed":
+            self.write(f"{ev['solver']} seed {ev['seed']}: FAILED: {ev.get('error')}")
+
+    def write(self, text: str) -> None:
+        self.tqdm.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .train import CHECKPOINT_NAME, TrainCallback, TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or ("regression-mlp" if args.dataset == "regression" else "paper-cnn")
+    hp = {
+        k: getattr(args, k) for k in _HP_NAMES if hasattr(args, k) and getattr(args, k) is not None
+    }
+    if (
+        args.dataset == "regression"
+        and "likelihood" not in hp
+        and args.optimizer not in ("sgd", "adam")
+    ):
+        hp["likelihood"] = "gaussian"
+    out = Path(args.out or Path("runs/train") / args.dataset / args.optimizer / f"seed{args.seed}")
+    config = TrainConfig(
+        dataset=args.dataset,
+        model=model,
+        optimizer=args.optimizer,
+        optimizer_kwargs=hp,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        subset=args.subset,
+        data_dir=args.data_dir,
+        normalize=not args.no_normalize,
+        normalize_test=not (args.no_normalize or args.unnormalized_test),
+    )
+    if (out / CHECKPOINT_NAME).is_file() and not args.resume:
+        print(
+            f"note: {out} holds a checkpoint; starting over (use --resume to continue)",
+            file=sys.stderr,
+        )
+
+    class Bar(TrainCallback):
+        def __init__(self) -> None:
+            self.bar: Any = None
+
+        def on_epoch_start(self, epoch: int, num_batches: int, start_batch: int) -> None:
+            self.bar = tqdm(
+                total=num_batches,
+                initial=start_batch,
+                unit="batch",
+                desc=f"epoch {epoch}/{config.epochs}",
+                leave=False,
+                disable=args.no_progress,
+                dynamic_ncols=True,
+            )
+
+        def on_step(self, epoch: int, batch: int, loss: float, acc: float) -> None:
+            self.bar.update(batch - self.bar.n)
+            post = f"loss {loss:.4f}" + ("" if math.isnan(acc) else f" acc {100 * acc:.2f}%")
+            self.bar.set_postfix_str(post, refresh=False)
+
+        def on_epoch_end(self, row: dict[str, float]) -> None:
+            if self.bar is not None:
+                self.bar.close()
+            acc = (
+                ""
+                if math.isnan(row["test_acc"])
+                else (
+                    f"  train acc {100 * row['train_acc']:.2f}%  test acc "
+                    f"{100 * row['test_acc']:.2f}%"
+                )
+            )
+            tqdm.write(
+                f"epoch {int(row['epoch'])}: train loss {row['train_loss']:.4f}  "
+                f"test loss {row['test_loss']:.4f}{acc}  "
+                f"{row['mean_step_ms']:.1f} ms/step  {row['wall_time_s']:.1f} s"
+            )
+
+    cb = Bar()
+    result = train(config, out, resume=args.resume, callback=cb)
+    if cb.bar is not None:
+        cb.bar.close()
+    print(f"metrics: {result.metrics_path}")
+    if result.interrupted:
+        print(
+            f"interrupted; checkpoint saved to {result.checkpoint}; rerun with --resume "
+            "to continue",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _run_sweep_cli(args: argparse.Namespace, options: Any, compare: bool) -> int:
+    from .data import load_dataset
+    from .report import write_report
+    from .reproduce import plan_runs, reproduce, run_sweep, split_cpus, total_steps
+
+    specs = plan_runs(options)
+    n_train = load_dataset(options.dataset, options.data_dir).x_train.shape[0]
+    workers, threads = split_cpus(len(specs), options.workers, options.threads)
+    print(
+        f"{len(specs)} runs in {options.out}/{options.dataset}; {workers} worker(s) x "
+        f"{threads} thread(s)",
+        file=sys.stderr,
+    )
+    progress = _SweepProgress(total_steps(specs, n_train), not args.no_progress)
+    from .data import num_batches
+
+    for s in specs:
+        n = min(n_train, s.config.subset) if s.config.subset else n_train
+        progress.set_epochs(
+            (s.solver, s.seed), s.config.epochs, num_batches(n, s.config.batch_size)
+        )
+    try:
+        if compare:
+            result = run_sweep(specs, workers=workers, threads=threads, progress=progress)
+            if not result.interrupted:
+                result.report_dir = Path(options.out) / "report"
+                result.report = write_report(Path(options.out) / options.dataset, result.report_dir)
+        else:
+            result = reproduce(options, progress=progress)
+    finally:
+        progress.close()
+    failed = [r for r in result.runs if r.status == "failed"]
+    for r in failed:
+        print(f"FAILED {r.solver} seed {r.seed}: {r.error}", file=sys.stderr)
+    if result.interrupted:
+        print(
+            "interrupted; checkpoints saved, run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 130
+    print(result.report)
+    if result.report_dir is not None:
+        figs = sorted(result.report_dir.glob(f"{options.dataset}_figure*.png"))
+        for f in figs:
+            print(f"figure: {f}")
+    return 1 if failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .reproduce import ReproduceOptions
+
+    options = ReproduceOptions(
+        out=args.out,
+        dataset=args.dataset,
+        model=args.model,
+        solvers=tuple(args.optimizers),
+        seeds=tuple(_seeds(args.seeds)),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        subset=args.subset,
+        data_dir=args.data_dir,
+        device=args.device,
+        workers=args.workers,
+        threads=args.threads,
+    )
+    return _run_sweep_cli(args, options, compare=True)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .reproduce import ReproduceOptions, released
+
+    out = args.out or ("runs/reproduce-released" if args.as_released else "runs/reproduce")
+    options = ReproduceOptions(
+        out=out,
+        dataset=args.dataset,
+        solvers=tuple(args.solvers),
+        seeds=tuple(_seeds(args.seeds)),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        subset=args.subset,
+        data_dir=args.data_dir,
+        device=args.device,
+        workers=args.workers,
+        threads=args.threads,
+        lr=args.lr,
+    )
+    if args.as_released:
+        options = released(options)
+    if args.empirical_fisher:
+        options = replace(options, fisher="empirical")
+    if args.augmented_q_solve:
+        options = replace(options, q_solve="augmented")
+    if args.unnormalized_test:
+        options = replace(options, normalize_test=False)
+    if args.kl_train_mode:
+        options = replace(options, kl_train_mode=True)
+    if args.released_qe_settings:
+        options = replace(options, qe_released=True)
+    if args.qe_inner_lr is not None:
+        options = replace(options, overrides={"qe": {"inner_lr": args.qe_inner_lr}})
+    return _run_sweep_cli(args, options, compare=False)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.dir, args.out, paper=args.paper))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kldwrm`` console script; returns the exit status."""
+    from .data import ChecksumError, DatasetNotFoundError
+    from .train import ConfigMismatchError
+
+    args = build_parser().parse_args(argv)
+    commands = {
+        "train": _cmd_train,
+        "compare": _cmd_compare,
+        "reproduce": _cmd_reproduce,
+        "report": _cmd_report,
+    }
+    try:
+        return commands[args.command](args)
+    except (DatasetNotFoundError, ChecksumError, ConfigMismatchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

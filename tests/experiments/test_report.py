@@ -1,0 +1,192 @@
+"""Report numbers recomputed independently from a hand-written fixture of metrics files."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kldwrm.experiments.report import (
+    PAPER_TABLE1,
+    collect_runs,
+    mean_sd_curve,
+    summarize,
+    time_to_98,
+    write_report,
+)
+from kldwrm.experiments.train import METRIC_FIELDS
+
+# (epoch, test_acc, test_loss, wall_time_s) per run; train columns are filler.
+RUNS = {
+    ("kfac", "seed0"): [(1, 0.9700, 0.40, 10.0), (2, 0.9800, 0.30, 20.0), (3, 0.9800, 0.25, 30.0)],
+    ("kfac", "seed1"): [(1, 0.9500, 0.45, 11.0), (2, 0.9790, 0.28, 21.0), (3, 0.9805, 0.20, 31.0)],
+    ("kfac", "seed2"): [(1, 0.9810, 0.35, 9.0), (2, 0.9820, 0.32, 19.0), (3, 0.9850, 0.30, 29.0)],
+    ("kfac", "seed3"): [(1, 0.9600, 0.50, 12.0), (2, 0.9700, 0.40, 22.0)],  # incomplete
+    ("qe", "seed0"): [(1, 0.9600, 0.42, 25.0), (2, 0.9750, 0.30, 50.0), (3, 0.9750, 0.28, 75.0)],
+    ("qe", "seed1"): [(1, 0.9700, 0.38, 25.0), (2, 0.9850, 0.22, 50.0), (3, 0.9900, 0.18, 75.0)],
+}
+STEP_MS = {"kfac": 10.0, "qe": 40.0}
+
+
+@pytest.fixture()
+def runs_root(tmp_path: Path) -> Path:
+    for (solver, seed), rows in RUNS.items():
+        d = tmp_path / "mnist" / solver / seed
+        d.mkdir(parents=True)
+        step = 20.0 if seed == "seed3" else STEP_MS[solver]
+        with open(d / "metrics.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(METRIC_FIELDS)
+            for epoch, acc, loss, wall in rows:
+                w.writerow([epoch, 0.5, 0.9, loss, acc, wall, step])
+    return tmp_path
+
+
+def test_table1_by_hand(runs_root):
+    found = collect_runs(runs_root)
+    assert list(found) == ["mnist"] and list(found["mnist"]) == ["kfac", "qe"]
+    kfac, qe = summarize(found["mnist"])
+    # final epoch is 3 (the last any run reached); kfac seed3 stopped at 2 → left out
+    assert kfac.epoch == 3 and kfac.runs == 3 and kfac.incomplete == ["seed3"]
+    # accs 98.00, 98.05, 98.50 %; losses 0.25, 0.20, 0.30
+    assert kfac.counts == dict(
+        n_acc_ge_98=3, n_acc_gt_98=2, n_acc_ge_98_5=1, n_loss_le_0_25=2, n_loss_le_0_2=1
+    )
+    assert kfac.acc_mean == pytest.approx((98.00 + 98.05 + 98.50) / 3)
+    # deviations -0.18333, -0.13333, +0.31667: sum of squares 0.151667, /2, sqrt
+    assert kfac.acc_sd == pytest.approx(math.sqrt(0.15166666666666667 / 2), rel=1e-9)
+    assert kfac.acc_sd == pytest.approx(0.27537852736, rel=1e-9)
+    assert kfac.loss_mean == pytest.approx(0.25)
+    assert kfac.loss_sd == pytest.approx(0.05)  # sqrt((0 + 0.0025 + 0.0025) / 2)
+    # qe: 97.50 and 99.00 %, losses 0.28 and 0.18
+    assert qe.runs == 2 and qe.incomplete == []
+    assert qe.counts == dict(
+        n_acc_ge_98=1, n_acc_gt_98=1, n_acc_ge_98_5=1, n_loss_le_0_25=1, n_loss_le_0_2=1
+    )
+    assert qe.acc_mean == pytest.approx(98.25)
+    assert qe.acc_sd == pytest.approx(1.5 / math.sqrt(2))
+    assert qe.loss_mean == pytest.approx(0.23) and qe.loss_sd == pytest.approx(0.1 / math.sqrt(2))
+
+
+def test_table1_matches_pandas_and_explicit_epoch(runs_root):
+    records = [
+        dict(solver=s, seed=k, epoch=e, acc=a, loss=l)
+        for (s, k), rows in RUNS.items()
+        for e, a, l, _ in rows
+    ]
+    df = pd.DataFrame(records)
+    for epoch in (2, 3):
+        by_solver = df[df.epoch == epoch].groupby("solver")
+        for s in summarize(collect_runs(runs_root)["mnist"], epoch=epoch):
+            g = by_solver.get_group(s.solver)
+            assert s.runs == len(g)
+            assert s.acc_mean == pytest.approx(100 * g.acc.mean())
+            assert s.acc_sd == pytest.approx(100 * g.acc.std(ddof=1))
+            assert s.loss_mean == pytest.approx(g.loss.mean())
+            assert s.loss_sd == pytest.approx(g.loss.std(ddof=1))
+            assert s.counts["n_acc_ge_98"] == int((g.acc >= 0.98).sum())
+            assert s.counts["n_loss_le_0_25"] == int((g.loss <= 0.25).sum())
+    kfac2 = summarize(collect_runs(runs_root)["mnist"], epoch=2)[0]
+    assert kfac2.runs == 4 and kfac2.counts["n_acc_ge_98"] == 2  # 0.980 and 0.982
+
+
+def test_time_to_98_by_hand(runs_root):
+    kfac, qe = time_to_98(collect_runs(runs_root)["mnist"])
+    # kfac first reaches 98%: seed0 epoch 2 (20 s), seed1 epoch 3 (31 s), seed2 epoch 1 (9 s)
+    assert (kfac.reached, kfac.runs) == (3, 4)
+    assert kfac.median_epochs == 2 and kfac.median_seconds == 20.0
+    assert kfac.mean_step_ms == pytest.approx((9 * 10.0 + 2 * 20.0) / 11)
+    assert (qe.reached, qe.runs, qe.median_epochs, qe.median_seconds) == (1, 2, 2, 50.0)
+    assert qe.mean_step_ms == pytest.approx(40.0)
+
+
+def test_figure_curves_mean_and_band(runs_root):
+    kfac = collect_runs(runs_root)["mnist"]["kfac"]
+    ep, mean, sd = mean_sd_curve(kfac, "test_loss")
+    assert ep.tolist() == [1, 2, 3]
+    assert mean.tolist() == pytest.approx([0.425, 0.325, 0.25])
+    assert sd[0] == pytest.approx(pd.Series([0.40, 0.45, 0.35, 0.50]).std(ddof=1))
+    assert sd[2] == pytest.approx(0.05)
+    ep, mean, _ = mean_sd_curve(kfac, "test_acc", 100.0)
+    assert mean[2] == pytest.approx((98.00 + 98.05 + 98.50) / 3)
+
+
+def test_write_report_files_and_text(runs_root):
+    text = write_report(runs_root)
+    out = runs_root / "report"
+    for name in (
+        "mnist_table1.md",
+        "mnist_table1.csv",
+        "mnist_time_to_98.csv",
+        "mnist_figure1_test_loss.png",
+        "mnist_figure2_test_accuracy.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "mnist_figure2_test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "| K-FAC | this run (epoch 3) | 3 | 3 | 2 | 1 | 2 | 1 | 98.18 | 0.28 | 0.250 | 0.050 |"
+        in text
+    )
+    assert (
+        "| K-FAC | paper (epoch 50) | 10 | 3 | 3 | 1 | 5 | 2 | 96.19 | 3.20 | 0.26 | 0.10 |" in text
+    )
+    assert "| QE | paper (epoch 50) | 10 | 8 | 7 | 2 | 9 | 0 | 98.01 | 0.64 | 0.23 | 0.02 |" in text
+    assert (
+        "| QE | this run (epoch 3) | 2 | 1 | 1 | 1 | 1 | 1 | 98.25 | 1.06 | 0.230 | 0.071 |" in text
+    )
+    assert "| K-FAC | 3/4 | 2.0 | 20.0 | 11.8 |" in text
+    assert "sample SD (ddof=1)" in text and "seed3" in text
+    assert (out / "mnist_table1.md").read_text().strip() == text.strip()
+    table = pd.read_csv(out / "mnist_table1.csv")
+    ours = table[table.source == "this run"].set_index("solver")
+    assert ours.loc["kfac", "acc_mean"] == pytest.approx((98.00 + 98.05 + 98.50) / 3)
+    assert ours.loc["qe", "loss_sd"] == pytest.approx(0.1 / math.sqrt(2))
+    paper = table[table.source == "paper"].set_index("solver")
+    for solver, vals in PAPER_TABLE1.items():
+        if solver in paper.index:
+            for k, v in vals.items():
+                assert paper.loc[solver, k] == pytest.approx(v)
+    times = pd.read_csv(out / "mnist_time_to_98.csv").set_index("solver")
+    assert times.loc["kfac", "median_seconds"] == 20.0 and times.loc["qe", "reached"] == 1
+
+
+def test_paper_values_complete_and_no_paper_for_other_data(tmp_path, runs_root):
+    assert {
+        s: [
+            v[k]
+            for k in (
+                "n_acc_ge_98",
+                "n_acc_gt_98",
+                "n_acc_ge_98_5",
+                "n_loss_le_0_25",
+                "n_loss_le_0_2",
+            )
+        ]
+        for s, v in PAPER_TABLE1.items()
+    } == {
+        "kfac": [3, 3, 1, 5, 2],
+        "so": [4, 2, 0, 7, 0],
+        "q": [5, 4, 0, 4, 0],
+        "qe": [8, 7, 2, 9, 0],
+    }
+    assert [PAPER_TABLE1[s]["acc_mean"] for s in ("kfac", "so", "q", "qe")] == [
+        96.19,
+        97.60,
+        97.69,
+        98.01,
+    ]
+    other = runs_root / "mnist"
+    fm = tmp_path / "fm_root" / "fashion-mnist"
+    fm.parent.mkdir()
+    other.rename(fm)
+    text = write_report(fm.parent)
+    assert "paper" not in text.split("Files:")[0].replace("Paper rows", "")
+    assert (fm.parent / "report" / "fashion-mnist_table1.csv").is_file()
+
+
+def test_empty_directory_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no runs"):
+        write_report(tmp_path)

@@ -1,0 +1,295 @@
+"""Training loop, checkpoints, bit-exact resume, the sweep runner and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import kldwrm
+from kldwrm.experiments.cli import main
+from kldwrm.experiments.reproduce import (
+    ReproduceOptions,
+    plan_runs,
+    released,
+    reproduce,
+    solver_hyperparameters,
+)
+from kldwrm.experiments.train import (
+    METRIC_FIELDS,
+    ConfigMismatchError,
+    TrainCallback,
+    TrainConfig,
+    checkpoint_status,
+    read_metrics,
+    train,
+)
+
+HAS_KFAC = hasattr(kldwrm, "make_optimizer") and "kfac" in getattr(kldwrm, "OPTIMIZERS", ())
+CURV = "kfac" if HAS_KFAC else "sgd"
+EXACT = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def _config(epochs: int, **kw) -> TrainConfig:
+    opt_kw = dict(lr=0.01, update_freq=3) if CURV == "kfac" else dict(lr=0.05)
+    base = dict(
+        dataset="mnist",
+        optimizer=CURV,
+        optimizer_kwargs=opt_kw,
+        epochs=epochs,
+        batch_size=256,
+        subset=1024,
+        seed=7,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _exact(rows):
+    return [{k: r[k] for k in EXACT} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """MNIST with the first 2,000 test images (keeps the per-epoch evaluation cheap)."""
+    return replace(mnist, x_test=mnist.x_test[:2000], y_test=mnist.y_test[:2000])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small):
+    """Reference: 2 epochs without interruption."""
+    out = tmp_path_factory.mktemp("ref")
+    res = train(_config(2), out, data=small)
+    assert res.finished and not res.interrupted
+    return res
+
+
+def test_metrics_file_and_values(uninterrupted):
+    rows = read_metrics(uninterrupted.metrics_path)
+    with open(uninterrupted.metrics_path) as fh:
+        assert next(csv.reader(fh)) == list(METRIC_FIELDS)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows == uninterrupted.metrics  # the file holds exactly what train returned
+    for r in rows:
+        assert 0.0 < r["train_acc"] <= 1.0 and 0.0 < r["test_acc"] <= 1.0
+        assert 0.0 < r["test_loss"] < 2.5 and r["mean_step_ms"] > 0
+    assert rows[1]["wall_time_s"] > rows[0]["wall_time_s"] > 0
+    # learning happens: 1,024 images, 8 steps, better than chance by far
+    assert rows[1]["test_acc"] > 0.3
+    # test accuracy is a count over the 2,000 test images
+    assert rows[1]["test_acc"] * 2000 == pytest.approx(round(rows[1]["test_acc"] * 2000))
+
+
+def test_checkpoint_loads_with_weights_only(uninterrupted):
+    state = torch.load(uninterrupted.out_dir / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["batch"] == 0
+    assert set(state) >= {
+        "model",
+        "optimizer",
+        "torch_rng",
+        "data_rng",
+        "epoch_rng",
+        "metrics",
+        "config",
+    }
+    assert state["config"]["optimizer"] == CURV
+    assert [m["epoch"] for m in state["metrics"]] == [1, 2]
+    if CURV == "kfac":
+        assert "kldwrm" in state["optimizer"]
+    assert checkpoint_status(uninterrupted.out_dir, _config(2)) == "finished"
+    assert checkpoint_status(uninterrupted.out_dir, _config(3)) == "partial"
+
+
+def test_resume_after_epoch_1_is_bit_exact(tmp_path, small, uninterrupted):
+    first = train(_config(1), tmp_path, data=small)
+    assert first.finished and len(first.metrics) == 1
+    resumed = train(_config(2), tmp_path, data=small, resume=True)
+    assert _exact(resumed.metrics) == _exact(uninterrupted.metrics)
+    assert _exact(read_metrics(tmp_path / "metrics.csv")) == _exact(uninterrupted.metrics)
+    a = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(uninterrupted.out_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _StopAt(TrainCallback):
+    def __init__(self, epoch: int, batch: int, how: str = "raise") -> None:
+        self.epoch, self.batch, self.how = epoch, batch, how
+
+    def on_step(self, epoch: int, batch: int, loss: float, acc: float) -> None:
+        if (epoch, batch) == (self.epoch, self.batch):
+            if self.how == "raise":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C
+
+
+@pytest.mark.parametrize("how", ["raise", "sigint"])
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, small, uninterrupted, how):
+    handler_before = signal.getsignal(signal.SIGINT)
+    res = train(_config(2), tmp_path, data=small, callback=_StopAt(2, 2, how))
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
+    assert res.interrupted and not res.finished
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    assert len(read_metrics(tmp_path / "metrics.csv")) == 1
+    assert checkpoint_status(tmp_path, _config(2)) == "partial"
+    resumed = train(_config(2), tmp_path, data=small, resume=True)
+    assert resumed.finished
+    assert _exact(resumed.metrics) == _exact(uninterrupted.metrics)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, small):
+    train(_config(1, subset=512), tmp_path, data=small)
+    other = _config(1, subset=512, seed=8)
+    with pytest.raises(ConfigMismatchError, match="seed"):
+        train(other, tmp_path, data=small, resume=True)
+    with pytest.raises(ConfigMismatchError):
+        checkpoint_status(tmp_path, other)
+
+
+def test_regression_training(tmp_path):
+    opt = "kfac" if HAS_KFAC else "sgd"
+    kw = dict(lr=0.01, likelihood="gaussian") if HAS_KFAC else dict(lr=0.05)
+    cfg = TrainConfig(
+        dataset="regression",
+        model="regression-mlp",
+        optimizer=opt,
+        optimizer_kwargs=kw,
+        epochs=2,
+        batch_size=100,
+    )
+    res = train(cfg, tmp_path)
+    assert [r["epoch"] for r in res.metrics] == [1, 2]
+    assert all(math.isnan(r["test_acc"]) and math.isnan(r["train_acc"]) for r in res.metrics)
+    assert all(math.isfinite(r["test_loss"]) for r in res.metrics)
+    # the test MSE of a zero prediction is about Var(y) ≈ 0.34; training lowers it
+    assert res.metrics[-1]["test_loss"] < 0.34
+
+
+def test_solver_hyperparameters_follow_design():
+    kfac = solver_hyperparameters("kfac")
+    assert kfac == dict(
+        lr=0.01, rho=0.95, damping=1e-2, weight_decay=1e-3, kl_clip=0.1, update_freq=30, fisher="mc"
+    )
+    assert solver_hyperparameters("so")["rho"] == 0.33
+    q = solver_hyperparameters("q")
+    assert (q["rho"], q["block_clip"], q["q_solve"]) == (0.5, 2.0, "exact")
+    qe = solver_hyperparameters("qe")
+    assert (qe["window"], qe["inner_steps"], qe["kl_weight"]) == (4, 10, 1 / 330)
+    assert qe["inner_lr"] == 7e-4  # paper: ω/λ = 7e-4, the inner SGD's learning rate
+    assert qe["inner_momentum"] == 0.0
+    assert "kl_train_mode" not in qe
+    rel = released(ReproduceOptions())
+    qr = solver_hyperparameters("qe", rel)
+    assert (qr["window"], qr["inner_steps"], qr["inner_momentum"]) == (3, 7, 0.5)
+    assert qr["kl_weight"] == 1 / 660 and qr["inner_lr"] == pytest.approx(0.1 * 0.01)
+    assert qr["fisher"] == "empirical" and qr["q_solve"] == "augmented" and qr["kl_train_mode"]
+    specs = plan_runs(ReproduceOptions(out="o"))
+    assert len(specs) == 40 and specs[0].out_dir == Path("o/mnist/kfac/seed0")
+    assert all(s.config.batch_size == 512 and s.config.epochs == 50 for s in specs)
+    assert plan_runs(rel)[0].config.normalize_test is False
+
+
+def test_reproduce_end_to_end_pool_skip_and_resume(tmp_path):
+    opts = ReproduceOptions(
+        out=tmp_path,
+        solvers=("sgd", CURV if CURV != "sgd" else "adam"),
+        seeds=(0,),
+        epochs=1,
+        subset=512,
+        workers=2,
+        threads=1,
+    )
+    events = []
+    res = reproduce(opts, progress=events.append)
+    assert not res.interrupted and [r.status for r in res.runs] == ["finished", "finished"]
+    assert {e["kind"] for e in events} >= {"start", "epoch_end", "done"}
+    report_dir = tmp_path / "report"
+    for name in (
+        "mnist_table1.md",
+        "mnist_table1.csv",
+        "mnist_figure1_test_loss.png",
+        "mnist_figure2_test_accuracy.png",
+        "mnist_time_to_98.csv",
+    ):
+        assert (report_dir / name).stat().st_size > 0
+    assert (report_dir / "mnist_figure1_test_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(report_dir / "mnist_table1.csv") as fh:
+        table = {(r["solver"], r["source"]): r for r in csv.DictReader(fh)}
+    for solver in opts.solvers:
+        run = tmp_path / "mnist" / solver / "seed0"
+        last = read_metrics(run / "metrics.csv")[-1]
+        row = table[(solver, "this run")]
+        assert float(row["acc_mean"]) == pytest.approx(100 * last["test_acc"], abs=1e-9)
+        assert float(row["loss_mean"]) == pytest.approx(last["test_loss"], abs=1e-12)
+        assert int(row["runs"]) == 1 and int(row["epoch"]) == 1
+        assert int(row["n_acc_ge_98"]) == int(last["test_acc"] >= 0.98)
+        assert row["acc_sd"] == "nan"  # one run: no sample SD
+        assert f"{100 * last['test_acc']:.2f}" in res.report
+    if CURV == "kfac":
+        assert table[("kfac", "paper")]["acc_mean"] == "96.19"
+
+    ckpts = sorted(tmp_path.glob("mnist/*/seed0/checkpoint.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in ckpts]
+    again = reproduce(ReproduceOptions(**{**opts.__dict__, "workers": 1}))
+    assert [r.status for r in again.runs] == ["skipped", "skipped"]
+    assert [p.stat().st_mtime_ns for p in ckpts] == mtimes
+    more = reproduce(ReproduceOptions(**{**opts.__dict__, "workers": 1, "epochs": 2}))
+    assert [r.status for r in more.runs] == ["finished", "finished"]
+    assert all(len(read_metrics(p.parent / "metrics.csv")) == 2 for p in ckpts)
+
+
+def test_cli_train_and_report(tmp_path, capsys):
+    out = tmp_path / "mnist" / "adam" / "seed3"
+    rc = main(
+        [
+            "train",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.002",
+            "--subset",
+            "600",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "200",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
+    )
+    assert rc == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert len(rows) == 1
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["config"]["optimizer_kwargs"] == {"lr": 0.002}
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.002
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| Adam | this run (epoch 1) | 1 |" in text
+    assert f"{100 * rows[0]['test_acc']:.2f}" in text
+    assert (tmp_path / "report" / "mnist_figure2_test_accuracy.png").is_file()
+
+
+def test_cli_errors_and_python_m(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no runs" in capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, "-m", "kldwrm", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    for cmd in ("train", "compare", "reproduce", "report"):
+        assert cmd in proc.stdout
