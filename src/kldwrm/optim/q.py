@@ -47,12 +47,7 @@ class QKLDWRM(CurvatureOptimizer):
         model: nn.Module,
         lr: float = 0.01,
         rho: float = 0.5,
-        damping: float = 1e-2,
-        weight_decay: float = 1e-3,
-        kl_clip: float | None = 0.1,
-        update_freq: int = 30,
-        fisher: str = "mc",
-        likelihood: str = "categorical",
+        *,
         block_clip: float | None = 2.0,
         q_solve: str = "exact",
         model_curvature: float = 1.0,
@@ -60,19 +55,7 @@ class QKLDWRM(CurvatureOptimizer):
     ) -> None:
         self.q_solve = check_choice("q_solve", q_solve, Q_SOLVES)
         self.model_curvature = check_nonnegative("model_curvature", model_curvature)
-        super().__init__(
-            model,
-            lr=lr,
-            rho=rho,
-            damping=damping,
-            weight_decay=weight_decay,
-            kl_clip=kl_clip,
-            update_freq=update_freq,
-            fisher=fisher,
-            likelihood=likelihood,
-            block_clip=block_clip,
-            **kwargs,
-        )
+        super().__init__(model, lr=lr, rho=rho, block_clip=block_clip, **kwargs)
 
     def _ghat(self, g):
         """``ĝ_k`` from the stored wake vector (eq. 30 with variable λ)."""

@@ -17,35 +17,14 @@ class SOKLDWRM(CurvatureOptimizer):
 
         s_k = -(1/λ_k) (F̄_k + γI)^{-1} (g_k - ρ (λ_k/λ_{k-1}) g_{k-1}),   g_{-1} = 0.
 
-    It costs what :class:`KFAC` costs plus one stored gradient. Defaults are the paper's
-    SO settings (ρ = 0.33, DESIGN section 4).
+    It costs what :class:`KFAC` costs plus one stored gradient. Other arguments: see
+    :class:`~kldwrm.optim.base.CurvatureOptimizer`; the defaults are the paper's SO settings
+    (ρ = 0.33, the rest as K-FAC).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 0.01,
-        rho: float = 0.33,
-        damping: float = 1e-2,
-        weight_decay: float = 1e-3,
-        kl_clip: float | None = 0.1,
-        update_freq: int = 30,
-        fisher: str = "mc",
-        likelihood: str = "categorical",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            lr=lr,
-            rho=rho,
-            damping=damping,
-            weight_decay=weight_decay,
-            kl_clip=kl_clip,
-            update_freq=update_freq,
-            fisher=fisher,
-            likelihood=likelihood,
-            **kwargs,
-        )
+    def __init__(self, model: nn.Module, lr: float = 0.01, rho: float = 0.33,
+                 **kwargs: Any) -> None:
+        super().__init__(model, lr=lr, rho=rho, **kwargs)
 
     def _direction(self, g, refresh):
         u = []
