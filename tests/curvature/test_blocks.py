@@ -146,3 +146,23 @@ def test_conv_factors_equal_explicit_patch_computation(bias):
     b = _block(_one_refresh(model, x, y), conv)
     torch.testing.assert_close(b.A_bar, A, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.G_bar, G, rtol=1e-12, atol=1e-14)
+
+
+def test_mc_fisher_gaussian_likelihood_samples_unit_variance_targets():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(20, 3), torch.randn(20, 2)
+    with torch.no_grad():
+        h = model(x)
+    noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(11))
+    outs = {}
+    hook = model[2].register_forward_hook(lambda m, i, o: outs.__setitem__("z", o) or None)
+    out = model(x)
+    hook.remove()
+    (delta,) = torch.autograd.grad(0.5 * (out - (h + noise)).square().sum(), [outs["z"]])
+    opt = KFAC(model, lr=1e-3, fisher="mc", likelihood="gaussian", seed=11, kl_clip=None)
+    opt.zero_grad()
+    (0.5 * (model(x) - y).square().sum(1).mean()).backward()
+    opt.step()
+    torch.testing.assert_close(_block(opt, model[2]).G_bar, delta.T @ delta / 20, rtol=1e-12,
+                               atol=1e-14)

@@ -228,3 +228,22 @@ def test_kfac_trains_the_paper_cnn_one_mnist_epoch_to_95_percent(mnist):
     model = paper_cnn()
     acc = train_epoch(model, KFAC(model), mnist)
     assert acc >= 0.95, acc
+
+
+@pytest.mark.parametrize("kl_clip", [1e-6, 1e3])
+def test_kl_clip_rescales_the_step_by_kfacs_rule(kl_clip):
+    x, y = _batches(1)[0]
+    steps = []
+    for clip in (None, kl_clip):
+        model = _mlp()
+        opt = KFAC(model, lr=0.2, kl_clip=clip, weight_decay=0.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        _ordinary_step(model, opt, x, y)
+        grads = [p.grad.clone() for p in model.parameters()]
+        steps.append([p.detach() - b for p, b in zip(model.parameters(), before, strict=True)])
+    free, clipped = steps
+    d_dot_g = sum(float(torch.sum(-s / 0.2 * g)) for s, g in zip(free, grads, strict=True))
+    nu = min(1.0, (kl_clip / (0.2**2 * abs(d_dot_g))) ** 0.5)
+    assert (nu < 1.0) == (kl_clip < 1.0)
+    for a, b in zip(clipped, free, strict=True):
+        torch.testing.assert_close(a, nu * b, rtol=1e-12, atol=1e-15)
