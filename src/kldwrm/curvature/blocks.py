@@ -83,6 +83,27 @@ class Block(ABC):
         """Forget the fresh estimate once the refresh step is over (saves memory)."""
         return None
 
+    # -- data parallelism (kldwrm.distributed) ---------------------------------------------
+    def distributed_fresh(
+        self, capture, grads: Sequence[Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float | None]]:
+        """This rank's statistics for the all-reduce over ranks, and their weights.
+
+        Each statistic ``t_r`` with weight ``w_r`` is combined as ``Σ w_r t_r / Σ w_r``
+        (weight ``None``: summed), which must give the statistic of the concatenated
+        batch; :meth:`finish_distributed` then turns the combined statistics into the
+        fresh estimate. Default: the fresh estimate, a mean over the examples.
+        """
+        est = self.fresh(capture, grads)
+        n = float(capture.batch_size())
+        return est, dict.fromkeys(est, n)
+
+    def finish_distributed(
+        self, stats: dict[str, Tensor], totals: dict[str, float]
+    ) -> dict[str, Tensor]:
+        """Fresh estimate from the combined statistics (``totals``: the summed weights)."""
+        return stats
+
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
@@ -171,6 +192,14 @@ class KroneckerBlock(Block):
         G = sum(r.T @ r for r in drows) / sum(r.shape[0] for r in drows)
         return {"A": A, "G": G}
 
+    def distributed_fresh(self, capture, grads):
+        """``A`` weighted by this rank's examples, ``Γ`` by its rows of ``δ``."""
+        est = self.fresh(capture, grads)
+        n = sum(x.shape[0] for x in capture.inputs[self.module])
+        channel = 1 if isinstance(self.module, nn.Conv2d) else -1  # as in _delta_rows
+        rows = sum(d.numel() // d.shape[channel] for d in capture.deltas[self.module])
+        return est, {"A": float(n), "G": float(rows)}
+
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.A_fresh, self.G_fresh = fresh["A"], fresh["G"]
         self.A_bar = _ea(self.A_bar, fresh["A"], rho)
@@ -257,7 +286,10 @@ class KroneckerBlock(Block):
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
         V = self._to_mat(vecs)
         QA, QG = self.evecs_A, self.evecs_G
-        out = QG @ ((QG.T @ V @ QA) * self._eig_diag(ea_scale, damping)) @ QA.T
+        if ea_scale == 0.0:  # fresh term only (QE's B_k on refresh steps)
+            out = V * damping
+        else:
+            out = QG @ ((QG.T @ V @ QA) * self._eig_diag(ea_scale, damping)) @ QA.T
         if fresh_scale != 0.0:
             out = out + fresh_scale * (self.G_fresh @ V @ self.A_fresh)
         return self._from_mat(out)
@@ -304,6 +336,28 @@ class DiagonalBlock(Block):
             return {"F": est}
         n = capture.batch_size()
         return {"F": grads[0].square() * n}
+
+    def distributed_fresh(self, capture, grads):
+        """The estimate ``N·ḡ²`` of the concatenated batch (``N`` the global batch size).
+
+        ``"empirical"``: ``ḡ`` is the gradient DDP already averaged over ranks, so the
+        ranks' ``N_r·ḡ²`` are summed. ``"mc"``: each rank's mean sampled-label gradient
+        ``ḡ_r`` is averaged with weight ``N_r`` and squared afterwards
+        (:meth:`finish_distributed`), not the ranks' squares averaged.
+        """
+        if capture.fisher != "mc":
+            return self.fresh(capture, grads), {"F": None}
+        p = self.params[0]
+        g = capture.diag_grad.get(p)
+        if g is None:
+            self.fresh(capture, grads)  # raises the usual error
+        n = float(capture.batch_size())
+        return {"gbar": g / n}, {"gbar": n}
+
+    def finish_distributed(self, stats, totals):
+        if "gbar" in stats:
+            return {"F": stats["gbar"].square() * totals["gbar"]}
+        return stats
 
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.F_fresh = fresh["F"]

@@ -131,15 +131,6 @@ class QEKLDWRM(QKLDWRM):
         model: nn.Module,
         lr: float = 0.01,
         rho: float = 0.5,
-        damping: float = 1e-2,
-        weight_decay: float = 1e-3,
-        kl_clip: float | None = 0.1,
-        update_freq: int = 30,
-        fisher: str = "mc",
-        likelihood: str = "categorical",
-        block_clip: float | None = 2.0,
-        q_solve: str = "exact",
-        model_curvature: float = 1.0,
         *,
         window: int = 4,
         inner_steps: int = 10,
@@ -159,21 +150,7 @@ class QEKLDWRM(QKLDWRM):
         if not isinstance(kl_train_mode, bool):
             raise ValueError(f"kl_train_mode must be True or False, got {kl_train_mode!r}")
         self.kl_train_mode = kl_train_mode
-        super().__init__(
-            model,
-            lr=lr,
-            rho=rho,
-            damping=damping,
-            weight_decay=weight_decay,
-            kl_clip=kl_clip,
-            update_freq=update_freq,
-            fisher=fisher,
-            likelihood=likelihood,
-            block_clip=block_clip,
-            q_solve=q_solve,
-            model_curvature=model_curvature,
-            **kwargs,
-        )
+        super().__init__(model, lr=lr, rho=rho, **kwargs)
         net = self.engine.model
         names = {id(p): n for n, p in net.named_parameters()}
         self._names: list[str] = [names[id(p)] for p in self._params]
