@@ -99,7 +99,8 @@ def report(runners: Sequence[Runner], baseline: str = "sgd") -> list[dict]:
             row["ratio_mean"] = s["mean"] / statistics.fmean(base.times)
             per_round = [a / b for a, b in zip(r.round_totals, base.round_totals, strict=True)]
             row["ratio_round_median"] = statistics.median(per_round)
-            row["ratio_round_q1"], _, row["ratio_round_q3"] = statistics.quantiles(per_round, n=4)
+            q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+            row["ratio_round_q1"], row["ratio_round_q3"] = q[0], q[2]
         row["skipped"] = int(getattr(r.opt, "skipped_steps", 0))
         rows.append(row)
     return rows

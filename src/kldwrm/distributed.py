@@ -1,16 +1,28 @@
 """torch.distributed helpers: the curvature statistics and QE's inner gradients are averaged
 over ranks so that every rank holds the same F̄ and takes the same step.
 
-All functions are no-ops when ``torch.distributed`` is not initialised (or has one rank).
+All collective helpers are no-ops when ``torch.distributed`` is not initialised (or has one
+rank). See ``docs/distributed.md`` for launching with ``torchrun`` and for what is sent.
+
+* :func:`all_reduce_weighted_` is how the fresh curvature statistics of a refresh step are
+  combined (one flattened all-reduce, weighted by each rank's number of examples/rows);
+* :func:`all_reduce_mean_` averages QE's inner gradients;
+* :func:`rank_seed` and :func:`broadcast_generator_` keep the "mc" label sampling
+  decorrelated between ranks but reproducible from one shared generator state;
+* :func:`init_from_env` starts the process group under ``torchrun`` (timeout and
+  start-up barrier included) and :func:`communication_bytes` tabulates the traffic.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def world_size() -> int:
@@ -20,7 +32,15 @@ def world_size() -> int:
     return 1
 
 
+def rank() -> int:
+    """This process's rank, 0 when not running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
 def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialised."""
     return world_size() > 1
 
 
@@ -36,3 +56,172 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[i : i + n].view_as(t))
         i += n
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision statistics (and their counts) are reduced in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def all_reduce_weighted_(
+    stats: Sequence[dict[str, Tensor]], weights: Sequence[dict[str, float | None]]
+) -> list[dict[str, float]]:
+    """Combine per-rank statistics in place: weighted means, or plain sums.
+
+    For every block ``b`` and key ``k``, ``weights[b][k]`` is this rank's weight ``w_r``
+    (its number of examples or rows) and ``stats[b][k]`` becomes ``Σ_r w_r t_r / Σ_r w_r``,
+    the statistic of the concatenated batch; a weight of ``None`` means the statistic is
+    already scaled to the global batch and is summed over ranks. The weights travel in the
+    same buffer as the statistics, so this is one flattened all-reduce per dtype and device
+    (normally exactly one). Returns ``Σ_r w_r`` per block and key (``nan`` for sums).
+    """
+    totals: list[dict[str, float]] = [{k: float("nan") for k in st} for st in stats]
+    if not is_distributed():
+        for st, ws, tot in zip(stats, weights, totals, strict=True):
+            for k in st:
+                if ws[k] is not None:
+                    tot[k] = float(ws[k])
+        return totals
+    groups: dict[tuple[torch.dtype, torch.device], list[tuple[int, str]]] = {}
+    for b, st in enumerate(stats):
+        for k, t in st.items():
+            groups.setdefault((_reduce_dtype(t.dtype), t.device), []).append((b, k))
+    for (dtype, device), items in groups.items():
+        parts = []
+        ws = []
+        for b, k in items:
+            t, w = stats[b][k], weights[b][k]
+            flat = t.reshape(-1).to(dtype)
+            parts.append(flat if w is None else flat * w)
+            ws.append(0.0 if w is None else float(w))
+        parts.append(torch.tensor(ws, dtype=dtype, device=device))
+        buf = torch.cat(parts)
+        dist.all_reduce(buf)
+        wsum = buf[-len(items):].tolist()
+        i = 0
+        for (b, k), total in zip(items, wsum, strict=True):
+            t = stats[b][k]
+            n = t.numel()
+            red = buf[i : i + n].view_as(t)
+            if weights[b][k] is not None:
+                red = red / total
+                totals[b][k] = total
+            stats[b][k] = red.to(t.dtype)
+            i += n
+    return totals
+
+
+def rank_seed(seed: int, rank_: int) -> int:
+    """A 63-bit seed for ``rank_``, decorrelated from ``seed`` and from other ranks.
+
+    Used for "mc" Fisher sampling: on a refresh step every rank draws the same ``seed``
+    from the shared sampling generator (whose state stays identical on all ranks and is
+    what the optimizer's ``state_dict`` saves), then samples its own shard's labels with a
+    generator seeded by ``rank_seed(seed, rank)`` (splitmix64 finaliser).
+    """
+    z = (seed + 0x9E3779B97F4A7C15 * (rank_ + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live for collectives of the default group."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_generator_(generator: torch.Generator, src: int = 0) -> None:
+    """Make ``generator``'s state that of rank ``src`` on every rank (no-op on one rank)."""
+    if not is_distributed():
+        return
+    state = generator.get_state()
+    buf = state.to(comm_device())
+    dist.broadcast(buf, src)
+    generator.set_state(buf.cpu())
+
+
+def init_from_env(
+    device: str | torch.device = "cpu",
+    timeout_s: float = 300.0,
+    backend: str | None = None,
+) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment variables.
+
+    Returns whether a process group is in use: ``False`` (nothing done) unless
+    ``WORLD_SIZE`` > 1 is set; ``True`` if a group was already initialised. The backend
+    is ``nccl`` for CUDA devices and ``gloo`` otherwise. ``timeout_s`` bounds every
+    collective (gloo; NCCL with async error handling, which torch enables by default), so
+    a rank that dies or hangs makes the others fail with an error instead of waiting
+    forever; a start-up barrier (``monitored_barrier`` with gloo, which names the missing
+    ranks) checks that every rank joined.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dev = torch.device(device)
+    if backend is None:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, timeout=timeout)
+    if backend == "gloo":
+        dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+    else:
+        dist.barrier()
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class LayerTraffic:
+    """Bytes one rank contributes to the all-reduces for one curvature block.
+
+    ``step``: the gradient (every step, DDP); ``refresh``: the fresh statistics (refresh
+    steps only: ``A`` and ``Γ`` for a Kronecker block, the diagonal for others, plus one
+    weight per statistic); ``qe_inner``: QE's inner SKL gradient (per inner step).
+    """
+
+    name: str
+    kind: str
+    numel: int
+    step: int
+    refresh: int
+    qe_inner: int
+
+
+def communication_bytes(
+    model: nn.Module, dtype: torch.dtype | None = None
+) -> list[LayerTraffic]:
+    """Per-block payload of the all-reduces of data-parallel training of ``model``.
+
+    The payload is the size of the buffer each rank passes to ``all_reduce`` (what crosses
+    the network per rank is about ``2 (R-1)/R`` times that with a ring algorithm). ``dtype``
+    defaults to the parameters' dtype. The blocks are those the optimizers build with
+    ``curvature="kron"`` (Kronecker for ``nn.Linear``/``nn.Conv2d``, diagonal otherwise).
+    """
+    from .curvature import CurvatureEngine, KroneckerBlock
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = CurvatureEngine(model, params, fisher="empirical", likelihood="categorical")
+    rows = []
+    for b in engine.blocks:
+        size = torch.empty((), dtype=dtype or b.params[0].dtype).element_size()
+        numel = b.numel()
+        if isinstance(b, KroneckerBlock):
+            m = b.module
+            d_in = m.weight[0].numel() + (1 if b.has_bias else 0)
+            d_out = m.weight.shape[0]
+            refresh = (d_in * d_in + d_out * d_out + 2) * size
+        else:
+            refresh = (numel + 1) * size
+        rows.append(LayerTraffic(b.name, b.kind, numel, numel * size, refresh, numel * size))
+    return rows

@@ -111,7 +111,10 @@ class Capture:
         self.deltas: dict[nn.Module, list[Tensor]] = {}
         self._outputs: dict[nn.Module, Tensor] = {}
         self.diag_sq: dict[nn.Parameter, Tensor] = {}
+        #: summed sampled-label gradients (unsquared), for the all-reduce over ranks
+        self.diag_grad: dict[nn.Parameter, Tensor] = {}
         self.batch_sizes: list[int] = []
+        self._rank_generator: torch.Generator | None = None
         self.root_inputs: list[Tensor] = []
         self.root_outputs: list[Tensor] = []
         self.root_output_grads: list[Tensor] = []
@@ -128,6 +131,29 @@ class Capture:
         """Remember the sampling generator's state before the first sample of this step."""
         if self.gen_snapshot is None and self.generator is not None:
             self.gen_snapshot = self.generator.get_state()
+
+    def sampling_generator(self) -> torch.Generator | None:
+        """The generator that samples this step's "mc" labels (state snapshotted first).
+
+        On one process this is the optimizer's generator. Under ``torch.distributed`` with
+        several ranks, the first sample of a step draws one seed from that generator (the
+        same on every rank, so its state, which ``state_dict`` saves, stays identical) and
+        this rank samples its shard with a generator seeded by
+        :func:`kldwrm.distributed.rank_seed`: shards never reuse the same noise.
+        """
+        self.snapshot_generator()
+        gen = self.generator
+        if gen is None:
+            return None
+        from ..distributed import rank, rank_seed, world_size
+
+        if world_size() == 1:
+            return gen
+        if self._rank_generator is None:
+            seed = int(torch.randint(2**62, (1,), generator=gen, device=gen.device))
+            self._rank_generator = torch.Generator(device=gen.device)
+            self._rank_generator.manual_seed(rank_seed(seed, rank()))
+        return self._rank_generator
 
     def _active(self, t: object = None) -> bool:
         """Capture only ordinary grad-enabled passes: not under ``no_grad``, not while paused,
@@ -169,8 +195,7 @@ class Capture:
         diag = [p for p in self.diag_params if p.requires_grad]
         targets = [self._outputs[m] for m in mods] + diag
         if targets:
-            self.snapshot_generator()
-            loss, _ = sample_output_grads(output, self.likelihood, self.generator)
+            loss, _ = sample_output_grads(output, self.likelihood, self.sampling_generator())
             grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
             for m, g in zip(mods, grads[: len(mods)], strict=True):
                 if g is not None:
@@ -180,4 +205,6 @@ class Capture:
                     est = g.detach().square() / n
                     prev = self.diag_sq.get(p)
                     self.diag_sq[p] = est if prev is None else prev + est
+                    prev = self.diag_grad.get(p)
+                    self.diag_grad[p] = g.detach() if prev is None else prev + g
         self._outputs.clear()

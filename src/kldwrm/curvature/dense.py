@@ -110,11 +110,11 @@ def _output_metric(
     else:
         if likelihood == "categorical":
             p = torch.softmax(out, dim=1)
-            y = torch.multinomial(p, 1, generator=capture.generator).squeeze(1)
+            y = torch.multinomial(p, 1, generator=capture.sampling_generator()).squeeze(1)
             e = p - torch.nn.functional.one_hot(y, c).to(p.dtype)
         else:
-            noise = torch.randn(out.shape, generator=capture.generator, dtype=out.dtype,
-                                device=out.device)
+            noise = torch.randn(out.shape, generator=capture.sampling_generator(),
+                                dtype=out.dtype, device=out.device)
             e = -noise  # ∂/∂h ½‖h - y‖² at y = h + noise
     return e.unsqueeze(2) * e.unsqueeze(1)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_weighted_, is_distributed
 from .blocks import Block, DiagonalBlock, KroneckerBlock, kronecker_supported
 from .capture import Capture
 from .dense import DenseBlock, dense_fishers
@@ -120,8 +121,20 @@ class CurvatureEngine:
             finally:
                 self.capture.paused = False
         out = []
-        for b, slot in zip(self.blocks, self.slots, strict=True):
-            out.append(b.fresh(self.capture, [grads[i] for i in slot]))
+        if is_distributed():
+            # every rank's statistics, combined in one flattened all-reduce (weighted by
+            # examples/rows), so that every rank folds the same estimate of the whole batch
+            stats, weights = [], []
+            for b, slot in zip(self.blocks, self.slots, strict=True):
+                st, w = b.distributed_fresh(self.capture, [grads[i] for i in slot])
+                stats.append(st)
+                weights.append(w)
+            totals = all_reduce_weighted_(stats, weights)
+            for b, st, tot in zip(self.blocks, stats, totals, strict=True):
+                out.append(b.finish_distributed(st, tot))
+        else:
+            for b, slot in zip(self.blocks, self.slots, strict=True):
+                out.append(b.fresh(self.capture, [grads[i] for i in slot]))
         flat = [t.reshape(-1) for est in out for t in est.values()]
         if flat and not bool(torch.isfinite(torch.cat(flat)).all()):
             return None

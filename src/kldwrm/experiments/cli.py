@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default runs/train/<dataset>/<optimizer>/seed<k>)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds after which a collective waiting for a dead or hung "
+        "rank fails, so every rank exits non-zero (default 600); --batch-size is the "
+        "global batch, split evenly over the ranks",
+    )
     p.add_argument("--no-normalize", action="store_true", help="do not standardise inputs")
     p.add_argument(
         "--unnormalized-test",
@@ -285,13 +294,35 @@ class _SweepProgress:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """``kldwrm train``; under ``torchrun`` one data-parallel run over all ranks."""
     import torch
-    from tqdm import tqdm
 
-    from .train import CHECKPOINT_NAME, TrainCallback, TrainConfig, train
+    from .. import distributed as kdist
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not kdist.init_from_env(args.device, timeout_s=args.dist_timeout):
+        return _train_one(args)
+    try:
+        status = _train_one(args, quiet=kdist.rank() != 0)
+    except Exception as exc:  # noqa: BLE001 - reported with the rank, then non-zero exit
+        print(
+            f"error: rank {kdist.rank()} of {kdist.world_size()}: {type(exc).__name__}: {exc}"
+            "\n(if another rank died or hung, this rank stops after at most --dist-timeout "
+            f"= {args.dist_timeout:g} s)",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # do not wait in the process group's teardown for a dead peer
+    kdist.shutdown()
+    return status
+
+
+def _train_one(args: argparse.Namespace, quiet: bool = False) -> int:
+    from tqdm import tqdm
+
+    from .train import CHECKPOINT_NAME, TrainCallback, TrainConfig, train
     model = args.model or ("regression-mlp" if args.dataset == "regression" else "paper-cnn")
     hp = {
         k: getattr(args, k) for k in _HP_NAMES if hasattr(args, k) and getattr(args, k) is not None
@@ -317,7 +348,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         normalize=not args.no_normalize,
         normalize_test=not (args.no_normalize or args.unnormalized_test),
     )
-    if (out / CHECKPOINT_NAME).is_file() and not args.resume:
+    if (out / CHECKPOINT_NAME).is_file() and not args.resume and not quiet:
         print(
             f"note: {out} holds a checkpoint; starting over (use --resume to continue)",
             file=sys.stderr,
@@ -360,8 +391,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"{row['mean_step_ms']:.1f} ms/step  {row['wall_time_s']:.1f} s"
             )
 
-    cb = Bar()
+    cb = Bar() if not quiet else TrainCallback()
     result = train(config, out, resume=args.resume, callback=cb)
+    if quiet:
+        return 130 if result.interrupted else 0
     if cb.bar is not None:
         cb.bar.close()
     print(f"metrics: {result.metrics_path}")
@@ -378,14 +411,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _run_sweep_cli(args: argparse.Namespace, options: Any, compare: bool) -> int:
     from .data import load_dataset
     from .report import write_report
-    from .reproduce import plan_runs, reproduce, run_sweep, split_cpus, total_steps
+    from .reproduce import (
+        launcher_ranks,
+        plan_runs,
+        reproduce,
+        run_sweep,
+        split_cpus,
+        total_steps,
+    )
 
     specs = plan_runs(options)
+    rank, world, _ = launcher_ranks()
+    if world > 1:
+        if compare:
+            print("error: use --workers for compare (torchrun: kldwrm reproduce)", file=sys.stderr)
+            return 2
+        if rank != 0:  # torchrun: this process runs its share of the runs, silently
+            result = reproduce(options)
+            failed_any = any(r.status == "failed" for r in result.runs)
+            return 130 if result.interrupted else int(failed_any)
+        specs = specs[::world]  # rank 0's share, for the progress bar
     n_train = load_dataset(options.dataset, options.data_dir).x_train.shape[0]
     workers, threads = split_cpus(len(specs), options.workers, options.threads)
     print(
         f"{len(specs)} runs in {options.out}/{options.dataset}; {workers} worker(s) x "
-        f"{threads} thread(s)",
+        f"{threads} thread(s)" + (f" on rank 0 of {world}" if world > 1 else ""),
         file=sys.stderr,
     )
     progress = _SweepProgress(total_steps(specs, n_train), not args.no_progress)

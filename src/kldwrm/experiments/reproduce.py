@@ -442,14 +442,51 @@ def reproduce(options: ReproduceOptions, progress: ProgressFn | None = None) -> 
         # fail early (clear "where to put the files" error) and warm the cache in-process
         load_dataset(options.dataset, options.data_dir, download=True)
     specs = plan_runs(options)
-    workers, threads = split_cpus(len(specs), options.workers, options.threads)
-    result = run_sweep(specs, workers=workers, threads=threads, progress=progress)
+    rank, world, local_world = launcher_ranks()
+    if world > 1:  # under torchrun: one run at a time per process, the runs dealt round-robin
+        cpus = os.cpu_count() or 1
+        threads = options.threads or max(1, cpus // local_world)
+        result = run_sweep(specs[rank::world], workers=1, threads=threads, progress=progress)
+        _wait_for_ranks(Path(options.out), rank, world, result.interrupted)
+        if rank != 0 or result.interrupted:
+            return result
+    else:
+        workers, threads = split_cpus(len(specs), options.workers, options.threads)
+        result = run_sweep(specs, workers=workers, threads=threads, progress=progress)
     if result.interrupted:
         return result
     report_dir = Path(options.out) / "report"
     result.report = write_report(Path(options.out) / options.dataset, report_dir)
     result.report_dir = report_dir
     return result
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_WORLD_SIZE)`` from ``torchrun``'s environment (0, 1, 1 alone).
+
+    ``kldwrm reproduce`` under ``torchrun`` places one run per process (no process group:
+    the runs are independent), dealing the runs round-robin over the ranks.
+    """
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return int(env.get("RANK", "0")), world, int(env.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def _wait_for_ranks(out: Path, rank: int, world: int, interrupted: bool) -> None:
+    """Rank 0 waits until every rank has finished its share (marker files in ``out``).
+
+    If a rank dies, ``torchrun`` stops the others, so the wait is bounded by the launcher.
+    """
+    launch = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}-{os.environ.get('MASTER_PORT', '')}"
+    marks = out / ".ranks"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / f"{launch}-rank{rank}").write_text("interrupted" if interrupted else "done")
+    if rank != 0:
+        return
+    while not all((marks / f"{launch}-rank{r}").is_file() for r in range(world)):
+        time.sleep(1.0)
+    for r in range(world):
+        (marks / f"{launch}-rank{r}").unlink(missing_ok=True)
 
 
 def total_steps(specs: Sequence[RunSpec], n_train: int) -> int:

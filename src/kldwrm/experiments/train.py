@@ -15,6 +15,15 @@ global torch RNG state (dropout) and the optimizer state, so ``train(..., resume
 continues exactly where the run stopped and reproduces the losses and accuracies of an
 uninterrupted run (only the timings differ).
 
+Under ``torchrun`` (a process group initialised, e.g. by
+:func:`kldwrm.distributed.init_from_env`) the model is wrapped in
+``DistributedDataParallel``; ``config.batch_size`` is the *global* batch, each rank takes
+its contiguous shard of every batch (a final batch whose size is not a multiple of the
+number of ranks is trimmed to one, so shards are always equal), metrics are over the whole
+batch, and only rank 0 writes ``metrics.csv``, ``config.json`` and the checkpoint, which
+also holds every rank's RNG states; it resumes with the same number of ranks. See
+``docs/distributed.md``.
+
 The library never prints; progress is reported through :class:`TrainCallback`.
 """
 
@@ -35,9 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as kdist
 from .data import TensorData, iterate_batches, load_dataset, num_batches
 from .models import build_model
 
@@ -360,6 +371,15 @@ def train(
     ckpt_path = out / CHECKPOINT_NAME
     metrics_path = out / METRICS_NAME
     device = resolve_device(config.device)
+    world, rank = kdist.world_size(), kdist.rank()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size {config.batch_size} is the global batch and must be a multiple of "
+            f"the number of ranks ({world})"
+        )
+    lead = rank == 0  # the only rank that writes files
     factory = optimizer_factory or get_optimizer_factory()
 
     if data is None:
@@ -389,7 +409,14 @@ def train(
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs).to(device)
-    optimizer = factory(config.optimizer, model, **config.optimizer_kwargs)
+    net: nn.Module = model  # what the batches go through (the DDP wrapper when distributed)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    optimizer = factory(config.optimizer, net, **config.optimizer_kwargs)
+    if world > 1:  # dropout masks differ between shards (every rank's state is checkpointed)
+        torch.manual_seed(config.seed + 7919 * rank)
     data_gen = torch.Generator().manual_seed(config.seed)
 
     metrics: list[dict[str, float]] = []
@@ -401,25 +428,43 @@ def train(
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         _check_same_run(state.get("config", {}), config, ckpt_path)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != world:
+            raise ConfigMismatchError(
+                f"{ckpt_path} was written by a run on {saved_world} rank(s); resume it with "
+                f"the same number of ranks (this run has {world})"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
+        if world > 1:
+            torch.set_rng_state(state["torch_rng_ranks"][rank])
+            if device.type == "cuda" and state.get("cuda_rng_ranks") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng_ranks"][rank], device)
         data_gen.set_state(state["data_rng"])
         epoch_rng = state["epoch_rng"]
         epoch_done, batch_pos = int(state["epoch"]), int(state["batch"])
         metrics = [dict(r) for r in state["metrics"]]
         running = {k: float(v) for k, v in state["running"].items()}
         wall_before = float(state["wall_time_s"])
-    _write_metrics(metrics_path, metrics)
-    (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    if lead:
+        _write_metrics(metrics_path, metrics)
+        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
     n_train = x_train.shape[0]
     n_batches = num_batches(n_train, config.batch_size, config.drop_last)
     t0 = time.perf_counter()
 
     def save(finished_epoch: int, batch: int) -> None:
+        rng_ranks = cuda_rng_ranks = None
+        if world > 1:  # collective: every rank's RNG states, written by rank 0
+            rng_ranks = _gather(torch.get_rng_state(), world)
+            if device.type == "cuda":
+                cuda_rng_ranks = _gather(torch.cuda.get_rng_state(device), world)
+        if not lead:
+            return
         state = {
             "format": _FORMAT,
             "config": config.to_dict(),
@@ -434,10 +479,19 @@ def train(
             "metrics": metrics,
             "running": dict(running),
             "wall_time_s": wall_before + time.perf_counter() - t0,
+            "world_size": world,
         }
+        if world > 1:
+            state["torch_rng_ranks"] = rng_ranks
+            state["cuda_rng_ranks"] = cuda_rng_ranks
         _atomic_write_bytes(ckpt_path, lambda fh: torch.save(state, fh))
 
     stop = _Stop()
+    agreed = [False]  # with several ranks: stop requested on some rank (all-reduced)
+
+    def stopping() -> bool:
+        return stop.requested if world == 1 else agreed[0]
+
     in_step = False
     epoch = epoch_done
     saved_ckpt: Path | None = ckpt_path if ckpt_path.is_file() and resume else None
@@ -460,10 +514,12 @@ def train(
                     start=batch_pos,
                 )
                 for xb, yb in batches:
+                    if world > 1:
+                        xb, yb = _shard(xb, yb, rank, world)
                     in_step = True
                     ts = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
-                    output = model(xb)
+                    output = net(xb)
                     loss = loss_fn(output, yb)
                     loss.backward()
                     optimizer.step()
@@ -472,18 +528,37 @@ def train(
                     running["step_s"] += time.perf_counter() - ts
                     running["steps"] += 1
                     nb = xb.shape[0]
-                    running["loss_sum"] += loss.item() * nb
+                    batch_loss = loss.item() * nb
+                    batch_correct = (
+                        float((output.argmax(1) == yb).sum().item())
+                        if task == "classification"
+                        else 0.0
+                    )
+                    if world > 1:  # metrics of the whole batch; stop when any rank asks
+                        batch_loss, batch_correct, nb, asked = _sum_over_ranks(
+                            [batch_loss, batch_correct, nb, float(stop.requested)]
+                        )
+                        agreed[0] = asked > 0
+                    running["loss_sum"] += batch_loss
                     running["count"] += nb
                     if task == "classification":
-                        running["correct"] += float((output.argmax(1) == yb).sum().item())
+                        running["correct"] += batch_correct
                     batch_pos += 1
                     in_step = False
-                    if stop.requested:
+                    if stopping():
                         raise _StopRequested
                     cb.on_step(epoch, batch_pos, *_running_means(running, task))
-                    if stop.requested:
+                    if stopping():
                         raise _StopRequested
-                test_loss, test_acc = evaluate(model, x_test, y_test, task, config.eval_batch_size)
+                if world > 1:
+                    test_loss, test_acc = _evaluate_sharded(
+                        model, x_test, y_test, task, config.eval_batch_size, rank, world, stop,
+                        agreed,
+                    )
+                else:
+                    test_loss, test_acc = evaluate(
+                        model, x_test, y_test, task, config.eval_batch_size
+                    )
                 train_loss, train_acc = _running_means(running, task)
                 row = {
                     "epoch": epoch,
@@ -497,13 +572,16 @@ def train(
                 metrics.append(row)
                 batch_pos = 0
                 running = dict.fromkeys(running, 0.0)
-                _write_metrics(metrics_path, metrics)
+                if lead:
+                    _write_metrics(metrics_path, metrics)
                 save(epoch, 0)
                 saved_ckpt = ckpt_path
                 cb.on_epoch_end(row)
-                if stop.requested:
+                if stopping():
                     raise _StopRequested
-    except (KeyboardInterrupt, _StopRequested):
+    except (KeyboardInterrupt, _StopRequested) as exc:
+        if world > 1 and isinstance(exc, KeyboardInterrupt):
+            raise  # not agreed by every rank: saving (a collective) could not complete
         if not in_step:
             # State is consistent: everything up to the last finished step is recorded.
             if batch_pos == 0 and metrics and int(metrics[-1]["epoch"]) == epoch:
@@ -523,3 +601,50 @@ def _running_means(running: Mapping[str, float], task: str) -> tuple[float, floa
     count = max(1.0, running["count"])
     acc = running["correct"] / count if task == "classification" else math.nan
     return running["loss_sum"] / count, acc
+
+
+def _shard(
+    xb: torch.Tensor, yb: torch.Tensor, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous, equal share of a global batch (trimmed to a multiple)."""
+    per = xb.shape[0] // world
+    if per == 0:
+        raise ValueError(f"a batch of {xb.shape[0]} examples cannot feed {world} ranks")
+    return xb[rank * per : (rank + 1) * per], yb[rank * per : (rank + 1) * per]
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """Sum a few numbers over ranks (one small all-reduce, in float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=kdist.comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every rank's copy of ``t`` (same shape on every rank), on the CPU."""
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, t.cpu())
+    return [o.cpu() for o in out]
+
+
+def _evaluate_sharded(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    batch_size: int,
+    rank: int,
+    world: int,
+    stop: _Stop,
+    agreed: list[bool],
+) -> tuple[float, float]:
+    """:func:`evaluate` over the whole set, each rank on its contiguous share."""
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    n = xs.shape[0]
+    loss, acc = evaluate(model, xs, ys, task, batch_size) if n else (0.0, 0.0)
+    correct = acc * n if task == "classification" and n else 0.0
+    total, right, count, asked = _sum_over_ranks(
+        [loss * n, correct, float(n), float(stop.requested)]
+    )
+    agreed[0] = agreed[0] or asked > 0
+    return total / count, right / count if task == "classification" else math.nan

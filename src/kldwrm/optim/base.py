@@ -34,6 +34,7 @@ from ..curvature import (
     CurvatureEngine,
     unwrap,
 )
+from ..distributed import broadcast_generator_
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,10 @@ class CurvatureOptimizer(Optimizer):
         self.generator.manual_seed(
             (torch.initial_seed() + 1) % (2**63) if seed is None else int(seed)
         )
+        # one shared sampling state on every rank (each rank derives its own labels' seed
+        # from it on refresh steps, see Capture.sampling_generator), so rank 0's state_dict
+        # resumes every rank
+        broadcast_generator_(self.generator)
         self.engine = CurvatureEngine(
             model,
             self._params,

@@ -1,0 +1,241 @@
+"""Data parallelism on torch.distributed (gloo, CPU, processes started by the tests).
+
+* 2 ranks × batch 128 equal 1 process × batch 256 for KFAC, SO, Q and QE (float64,
+  empirical Fisher, refresh steps included), passing the DDP wrapper or the inner module;
+* with "mc" Fisher the ranks stay bitwise identical to each other;
+* a checkpoint of a 2-rank ``kldwrm train`` run resumes bit-exactly in a 2-rank run;
+* a rank killed mid-run makes the other exit non-zero within the configured timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kldwrm import KFAC, QKLDWRM, SOKLDWRM
+from kldwrm.distributed import communication_bytes, rank_seed
+from kldwrm.optim.qe import QEKLDWRM
+
+GLOBAL_BATCH = 256
+STEPS = 16
+UPDATE_FREQ = 4  # refreshes at steps 0, 4, 8, 12
+ROOT = Path(__file__).resolve().parents[1]
+
+#: name → (class, kwargs, pass the DDP wrapper to the optimizer?)
+CASES = {
+    "kfac": (KFAC, {}, True),
+    "so": (SOKLDWRM, {}, False),
+    "q": (QKLDWRM, {}, True),
+    "qe": (QEKLDWRM, dict(window=3, inner_steps=3, inner_lr=0.05, inner_momentum=0.5), False),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    """Conv (Kronecker, KFC), Linear (Kronecker) and LayerNorm (diagonal blocks)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 16),
+        nn.LayerNorm(16),
+        nn.Tanh(),
+        nn.Linear(16, 4),
+    )
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+    return x, y
+
+
+def _run(name: str, fisher: str, rank: int, world: int) -> list[torch.Tensor]:
+    """Train ``STEPS`` steps on this rank's shard of every global batch; final parameters."""
+    cls, kw, wrap = CASES[name]
+    torch.manual_seed(0)
+    model = _model().double()
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    opt = cls(net if wrap else model, lr=0.05, update_freq=UPDATE_FREQ, fisher=fisher,
+              seed=123, **kw)
+    per = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x, y = _data(step)
+        xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        opt.zero_grad()
+        F.cross_entropy(net(xs), ys).backward()
+        opt.step()
+    assert opt.steps_taken == STEPS and opt.skipped_steps == 0
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _equivalence_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        result = {}
+        for name in CASES:
+            result[name] = _run(name, "empirical", rank, world)
+        for name in ("kfac", "q"):
+            result[f"mc-{name}"] = _run(name, "mc", rank, world)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory) -> list[dict[str, list[torch.Tensor]]]:
+    out = tmp_path_factory.mktemp("ddp")
+    torch.multiprocessing.spawn(
+        _equivalence_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True
+    )
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b, strict=True)) ** 0.5
+    den = sum(float(y.pow(2).sum()) for y in b) ** 0.5
+    return num / den
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(name, two_rank_results):
+    torch.set_num_threads(1)
+    single = _run(name, "empirical", 0, 1)
+    start = [p.detach() for p in _model().double().parameters()]
+    assert _rel_err(single, start) > 1e-3  # the run moved
+    for r in range(2):
+        assert _rel_err(two_rank_results[r][name], single) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["kfac", "q"])
+def test_mc_fisher_ranks_stay_bitwise_identical(name, two_rank_results):
+    a, b = (two_rank_results[r][f"mc-{name}"] for r in range(2))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    emp = two_rank_results[0][name]
+    assert _rel_err(a, emp) > 1e-8  # it really sampled
+
+
+def test_rank_seeds_differ():
+    seeds = {rank_seed(12345, r) for r in range(64)}
+    assert len(seeds) == 64 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_communication_bytes_of_an_mlp():
+    from kldwrm.experiments.models import mlp
+
+    rows = communication_bytes(mlp((784, 1024, 1024, 10)))
+    assert [r.kind for r in rows] == ["kronecker"] * 3
+    assert rows[0].refresh == (785**2 + 1024**2 + 2) * 4
+    assert sum(r.step for r in rows) == 4 * sum(p.numel() for p in mlp().parameters())
+
+
+# ----------------------------------------------------------------------------- torchrun CLI
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+#: paper CNN (dropout: per-rank RNG states) with Q and "mc" Fisher; 5 steps per epoch and
+#: refreshes every 3 steps, so a resume at an epoch boundary falls between refreshes
+TRAIN_ARGS = [
+    "--dataset", "mnist", "--model", "paper-cnn", "--optimizer", "q",
+    "--fisher", "mc", "--update-freq", "3", "--batch-size", "64", "--subset", "320",
+    "--no-progress", "--threads", "1",
+]
+
+
+def _torchrun(out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={port}", "--master_addr=127.0.0.1", "-m", "kldwrm", "train",
+        *TRAIN_ARGS, "--out", str(out), *extra,
+    ]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_two_rank_checkpoint_resumes_bit_exactly(tmp_path):
+    full = _torchrun(tmp_path / "full", "--epochs", "2")
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.count("metrics:") == 1  # only rank 0 prints
+    first = _torchrun(tmp_path / "part", "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    second = _torchrun(tmp_path / "part", "--epochs", "2", "--resume")
+    assert second.returncode == 0, second.stderr
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["world_size"] == b["world_size"] == 2
+    ma = [{k: repr(v) for k, v in r.items() if k not in ("wall_time_s", "mean_step_ms")}
+          for r in a["metrics"]]
+    mb = [{k: repr(v) for k, v in r.items() if k not in ("wall_time_s", "mean_step_ms")}
+          for r in b["metrics"]]
+    assert ma == mb and len(ma) == 2
+
+
+def test_killed_rank_makes_the_other_exit_nonzero(tmp_path):
+    port = _free_port()
+    timeout_s = 20
+    procs = []
+    for r in range(2):
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                   LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        cmd = [sys.executable, "-m", "kldwrm", "train", *TRAIN_ARGS, "--epochs", "1000",
+               "--out", str(tmp_path / "run"), "--dist-timeout", str(timeout_s)]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        metrics = tmp_path / "run" / "metrics.csv"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # wait until training is under way
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            assert procs[0].poll() is None, procs[0].communicate()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the 2-rank run did not start")
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=timeout_s + 30)
+        elapsed = time.monotonic() - t0
+        assert procs[0].returncode not in (0, None)
+        assert elapsed < timeout_s + 30
+        assert "rank" in err.lower()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
