@@ -168,7 +168,18 @@ def summary(xs: Sequence[float]) -> dict[str, float]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports kilobytes)."""
+    """Peak resident set size of this process.
+
+    ``VmHWM`` from /proc first: ``ru_maxrss`` of a child started by fork + exec can report
+    the parent's peak on Linux, which would make every subprocess look alike.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
