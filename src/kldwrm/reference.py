@@ -445,21 +445,7 @@ def so_kldwrm(
         rho: ``ρ ∈ [0, 1)``.
         taken: steps actually taken (anchors of the wake); default: the minimisers.
     """
-    g = _vectors(grads, "grads")
-    num_steps, n = len(g), g[0].shape[0]
-    _check_rho(rho)
-    f = _matrices(fishers, "fishers", n, num_steps)
-    lams = _lams(lam, num_steps)
-    t = _taken(taken, n, num_steps)
-    rho = float(rho)
-    return _solve_wake(
-        g,
-        lambda k, i: 1.0 if i == k else 0.0,
-        f,
-        lambda k, i: lams[k] * kappa(i, rho) * rho ** (k - i),
-        None,
-        t,
-    )
+    return _local_model_wake(grads, fishers, None, lam, rho, taken)
 
 
 def q_kldwrm(
@@ -494,11 +480,23 @@ def q_kldwrm(
         rho: ``ρ ∈ [0, 1)``.
         taken: steps actually taken (anchors of the wake); default: the minimisers.
     """
+    return _local_model_wake(grads, fishers, curvatures, lam, rho, taken)
+
+
+def _local_model_wake(
+    grads: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    curvatures: Sequence[Tensor] | None,
+    lam: float | Sequence[float],
+    rho: float,
+    taken: Sequence[Tensor] | None,
+) -> WakeSolution:
+    """Eqs. 26/28: local linear (+ quadratic ``B_k``) model and the wake weighted by ``λ_k``."""
     g = _vectors(grads, "grads")
     num_steps, n = len(g), g[0].shape[0]
     _check_rho(rho)
     f = _matrices(fishers, "fishers", n, num_steps)
-    b = _matrices(curvatures, "curvatures", n, num_steps)
+    b = None if curvatures is None else _matrices(curvatures, "curvatures", n, num_steps)
     lams = _lams(lam, num_steps)
     t = _taken(taken, n, num_steps)
     rho = float(rho)
