@@ -477,10 +477,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .reproduce import ReproduceOptions
 
     options = ReproduceOptions(
-        out=args.out,
+        out=args.out, model=args.model, solvers=tuple(args.optimizers), **_sweep_fields(args)
+    )
+    return _run_sweep_cli(args, options, compare=True)
+
+
+def _sweep_fields(args: argparse.Namespace) -> dict:
+    """ReproduceOptions fields shared by ``compare`` and ``reproduce``."""
+    return dict(
         dataset=args.dataset,
-        model=args.model,
-        solvers=tuple(args.optimizers),
         seeds=tuple(_seeds(args.seeds)),
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -490,7 +495,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
     )
-    return _run_sweep_cli(args, options, compare=True)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -500,18 +504,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     out = args.out or ("runs/reproduce-released" if args.as_released else "runs/reproduce")
     options = ReproduceOptions(
-        out=out,
-        dataset=args.dataset,
-        solvers=tuple(args.solvers),
-        seeds=tuple(_seeds(args.seeds)),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        subset=args.subset,
-        data_dir=args.data_dir,
-        device=args.device,
-        workers=args.workers,
-        threads=args.threads,
-        lr=args.lr,
+        out=out, solvers=tuple(args.solvers), lr=args.lr, **_sweep_fields(args)
     )
     if args.as_released:
         options = released(options)
