@@ -131,6 +131,22 @@ steps). Step-time batches are fixed random tensors of the workload's shape.
 
 {_targets(st_rows, mem_rows) if st_rows or mem_rows else missing}
 
+### What stands in the way
+
+- **(b) MLP, all curvature methods**: the exact damped solve in the eigenbasis,
+  `QG ((QGᵀ V QA) / (e·dG dAᵀ + γ)) QAᵀ`, is four n x n x n matrix products per
+  1024-wide layer on *every* step (~14 GFLOP per step for this MLP), while SGD's forward +
+  backward at batch 256 is 6·B·n² per layer (~2.9 GFLOP): the solve alone is ~5x a plain
+  step, so K-FAC with exact damping cannot come near 1.10x here at this batch size (even the
+  factored-damping inverse, two products, would be >= 2.3x). Q also needs `(F̄+γI)s` for its
+  recursion (four more products), hence ~2x KFAC. Reusing the rotated `QGᵀ ĝ QA` of the
+  solve would save two of Q's eight products (not done).
+- **(a) paper CNN**: what remains is (i) the KFC factor `A` on refresh steps (~25-30 ms,
+  im2col rows + a Gram matrix: for these narrow convolutions the Gram product costs more
+  FLOPs than the convolution itself), ~1 ms/step amortised at N_u = 30, and (ii) ~0.4-1 ms
+  per step of small-op and Python overhead in the solve/clip path (4 blocks x ~10 tiny
+  tensor ops). Together ~1.10-1.12x SGD on this 2-core machine.
+
 ## Step time
 
 Forward + backward + `optimizer.step()`, each step timed; methods interleaved in rounds of
