@@ -118,6 +118,33 @@ def test_state_dict_round_trip_is_bit_exact(cls):
         assert torch.equal(p, q)
 
 
+def test_q_loads_a_version_1_checkpoint_with_the_wake_in_parameter_coordinates():
+    """kldwrm 0.1 saved Q's wake in parameter coordinates; loading rotates it."""
+    kw = dict(update_freq=3, fisher="mc", lr=0.05)
+    data = _batches(14, dtype=torch.float64)
+    model = _mlp(dtype=torch.float64)
+    ref_model = copy.deepcopy(model)
+    opt = QKLDWRM(ref_model, **kw)
+    for x, y in data:
+        _ordinary_step(ref_model, opt, x, y)
+    opt = QKLDWRM(model, **kw)
+    for x, y in data[:7]:
+        _ordinary_step(model, opt, x, y)
+    old = copy.deepcopy(opt.state_dict())
+    params = list(model.parameters())
+    wake = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in params])
+    for i, w in enumerate(wake):  # what 0.1 stored
+        old["state"][i]["wake"] = w.clone()
+    old["kldwrm"]["version"] = 1
+    fresh = copy.deepcopy(model)
+    opt2 = QKLDWRM(fresh, **kw)
+    opt2.load_state_dict(old)
+    for x, y in data[7:]:
+        _ordinary_step(fresh, opt2, x, y)
+    for p, q in zip(fresh.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 def _snapshot(model, opt):
     buf = io.BytesIO()
     torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)

@@ -219,7 +219,10 @@ def test_between_refreshes_q_uses_the_existing_eigenbasis(small_mnist, monkeypat
         if k % 4:
             # expected direction from the stored factors, computed densely
             b = opt.engine.blocks[1]
-            ghat = opt._ghat(opt._full_gradient([p.grad for p in model.parameters()]))
+            # ĝ = g + ρ·wake (constant λ); the wake is stored in the eigenbasis of F̄
+            g = opt._full_gradient([p.grad for p in model.parameters()])
+            wake = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in model.parameters()])
+            ghat = [gi + opt.rho * wi for gi, wi in zip(g, wake, strict=True)]
             lr = 0.1
             M = ((1 + lr) * torch.kron(b.A_bar, b.G_bar)
                  + DAMPING * torch.eye(b.A_bar.shape[0] * b.G_bar.shape[0], dtype=torch.float64))
@@ -235,6 +238,55 @@ def test_between_refreshes_q_uses_the_existing_eigenbasis(small_mnist, monkeypat
         else:
             assert len(calls) == n_calls + 4  # Ā and Γ̄ of two layers
     del twin
+
+
+@pytest.mark.parametrize("block_clip", [None, 0.05])
+def test_q_wake_kept_in_the_eigenbasis_follows_eq30_in_parameter_coordinates(
+    small_mnist, block_clip
+):
+    """The stored wake, rotated back, is ĝ_k - g_k + λ_k(F̄_k + γI)s_k of eq. 30.
+
+    Every term is recomputed here in parameter coordinates from the measured step, the
+    gradient and dense Kronecker products, over refresh and in-between steps, a changing
+    lr, and (``block_clip=0.05``) weight and bias of a layer clipped by different factors.
+    """
+    x, y = small_mnist
+    model = _kron_mlp()
+    params = list(model.parameters())
+    opt = QKLDWRM(model, lr=0.1, update_freq=3, kl_clip=0.01, block_clip=block_clip)
+    lr_prev = mixed = 0
+    for k in range(8):
+        lr = 0.1 * (1 + 0.2 * k)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        opt.zero_grad()
+        F.cross_entropy(model(x[32 * k : 32 * k + 96]), y[32 * k : 32 * k + 96]).backward()
+        g = [p.grad + WD * p.detach() for p in params]
+        if k == 0:
+            ghat = g
+        else:
+            wake = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in params])
+            ghat = [gi + opt.rho * (lr_prev / lr) * wi for gi, wi in zip(g, wake, strict=True)]
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        s = [p.detach() - b for p, b in zip(params, before, strict=True)]
+        if block_clip is not None:
+            f = opt._step_factors
+            mixed += sum(f[i] != f[i + 1] for i in (0, 2))
+        expected = []
+        for b, slot in zip(opt.engine.blocks, opt.engine.slots, strict=True):
+            M = torch.kron(b.A_bar, b.G_bar) + DAMPING * torch.eye(
+                b.A_bar.shape[0] * b.G_bar.shape[0], dtype=torch.float64)
+            S = torch.cat([s[slot[0]], s[slot[1]][:, None]], 1).T.reshape(-1)
+            FS = (M @ S).reshape(-1, S.numel() // b.A_bar.shape[0]).T
+            expected += [FS[:, :-1], FS[:, -1]]
+        expected = [gh - gi + fs / lr for gh, gi, fs in zip(ghat, g, expected, strict=True)]
+        got = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in params])
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+        lr_prev = lr
+    if block_clip is not None:
+        assert mixed > 0  # the rotated (mixed-factor) path was exercised
 
 
 @pytest.mark.slow

@@ -71,6 +71,24 @@ class Block(ABC):
     ) -> list[Tensor]:
         """``(ea_scale·F̄ + fresh_scale·F + damping·I) vecs``."""
 
+    # -- the eigenbasis of F̄ (used by step rules that keep vectors in it) -----------------
+    def to_eigenbasis(self, vecs: Sequence[Tensor]) -> list[Tensor]:
+        """Coordinates of ``vecs`` in the orthonormal eigenbasis of ``F̄``, parameter-shaped.
+
+        The basis changes only when :meth:`fold` re-decomposes, so a step rule may keep a
+        vector in these coordinates between refreshes; there ``e·F̄ + γI`` is the diagonal
+        :meth:`eigenvalues` and a solve is one division. Dot products are preserved.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no eigenbasis")
+
+    def from_eigenbasis(self, coords: Sequence[Tensor]) -> list[Tensor]:
+        """Inverse of :meth:`to_eigenbasis`."""
+        raise NotImplementedError(f"{type(self).__name__} has no eigenbasis")
+
+    def eigenvalues(self, ea_scale: float, damping: float) -> list[Tensor]:
+        """The diagonal of ``ea_scale·F̄ + damping·I`` in the eigenbasis, parameter-shaped."""
+        raise NotImplementedError(f"{type(self).__name__} has no eigenbasis")
+
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors needed to continue bit-exactly."""
@@ -146,6 +164,8 @@ class KroneckerBlock(Block):
         self.evecs_G: Tensor | None = None
         # cache for the "augmented" Q solve of the current refresh step
         self._aug: tuple[float, Tensor, Tensor, Tensor, Tensor] | None = None
+        # e·dΓ dAᵀ + γ for the last few (e, γ), valid until the next decomposition
+        self._diag_cache: dict[tuple[float, float], Tensor] = {}
 
     # -- statistics -------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:
@@ -208,6 +228,7 @@ class KroneckerBlock(Block):
         self.evals_A, self.evecs_A = sym_eig(self.A_bar, f"A of {self.name}")
         self.evals_G, self.evecs_G = sym_eig(self.G_bar, f"Gamma of {self.name}")
         self._aug = None
+        self._diag_cache = {}
 
     def drop_fresh(self) -> None:
         self.A_fresh = self.G_fresh = None
@@ -228,11 +249,34 @@ class KroneckerBlock(Block):
 
     # -- solves -----------------------------------------------------------------------
     def _eig_diag(self, ea_scale: float, damping: float) -> Tensor:
-        return torch.outer(self.evals_G, self.evals_A).mul_(ea_scale).add_(damping)
+        """``e·dΓ dAᵀ + γ``: the eigenvalues of ``e Ā⊗Γ̄ + γI`` (cached per decomposition)."""
+        key = (float(ea_scale), float(damping))
+        d = self._diag_cache.get(key)
+        if d is None:
+            if len(self._diag_cache) >= 4:  # a schedule changing e every step: keep it small
+                self._diag_cache.clear()
+            d = torch.outer(self.evals_G, self.evals_A).mul_(ea_scale).add_(damping)
+            self._diag_cache[key] = d
+        return d
 
-    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
+    def _check_ready(self) -> None:
         if not self.initialized:
             raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+
+    def to_eigenbasis(self, vecs):
+        self._check_ready()
+        return self._from_mat(self.evecs_G.T @ self._to_mat(vecs) @ self.evecs_A)
+
+    def from_eigenbasis(self, coords):
+        self._check_ready()
+        return self._from_mat(self.evecs_G @ self._to_mat(coords) @ self.evecs_A.T)
+
+    def eigenvalues(self, ea_scale, damping):
+        self._check_ready()
+        return self._from_mat(self._eig_diag(ea_scale, damping))
+
+    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
+        self._check_ready()
         V = self._to_mat(vecs)
         QA, QG = self.evecs_A, self.evecs_G
         if fresh_scale == 0.0:
@@ -305,6 +349,7 @@ class KroneckerBlock(Block):
             ref = self.params[0]
             setattr(self, k, state[k].to(ref.device) if k in state else None)
         self.initialized = self.A_bar is not None
+        self._diag_cache = {}
         self.drop_fresh()
 
 
@@ -380,6 +425,18 @@ class DiagonalBlock(Block):
 
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
         return [vecs[0] * self._diag(damping, ea_scale, fresh_scale)]
+
+    # the standard basis is the eigenbasis of a diagonal matrix
+    def to_eigenbasis(self, vecs):
+        return [vecs[0]]
+
+    def from_eigenbasis(self, coords):
+        return [coords[0]]
+
+    def eigenvalues(self, ea_scale, damping):
+        if not self.initialized:
+            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+        return [self._diag(damping, ea_scale, 0.0)]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {} if self.F_bar is None else {"F_bar": self.F_bar}

@@ -76,6 +76,15 @@ class DenseBlock(Block):
         mat = ea_scale * self.F_bar + fresh_scale * self.F_fresh + damping * eye
         return self._unflat(torch.linalg.solve(mat, u))
 
+    def to_eigenbasis(self, vecs):
+        return self._unflat(self.evecs.T @ self._flat(vecs))
+
+    def from_eigenbasis(self, coords):
+        return self._unflat(self.evecs @ self._flat(coords))
+
+    def eigenvalues(self, ea_scale, damping):
+        return self._unflat(self.evals * ea_scale + damping)
+
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
         u = self._flat(vecs)
         out = ea_scale * (self.F_bar @ u) + damping * u

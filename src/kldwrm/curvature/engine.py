@@ -179,6 +179,41 @@ class CurvatureEngine:
                 out[i] = r
         return out
 
+    # -- the eigenbasis of F̄ ---------------------------------------------------------------
+    def _blockwise(self, fn, vecs: Sequence[Tensor], blocks: Sequence[int] | None) -> list[Tensor]:
+        out: list[Tensor] = list(vecs) if blocks is not None else [None] * len(vecs)  # type: ignore[list-item]
+        for bi in range(len(self.blocks)) if blocks is None else blocks:
+            slot = self.slots[bi]
+            for i, r in zip(slot, fn(self.blocks[bi], [vecs[i] for i in slot]), strict=True):
+                out[i] = r
+        return out
+
+    def to_eigenbasis(
+        self, vecs: Sequence[Tensor], blocks: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Blockwise coordinates in the eigenbasis of ``F̄`` (see :meth:`Block.to_eigenbasis`).
+
+        ``blocks``: indices of the blocks to transform; the other tensors pass through.
+        """
+        return self._blockwise(lambda b, v: b.to_eigenbasis(v), vecs, blocks)
+
+    def from_eigenbasis(
+        self, coords: Sequence[Tensor], blocks: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Inverse of :meth:`to_eigenbasis`."""
+        return self._blockwise(lambda b, v: b.from_eigenbasis(v), coords, blocks)
+
+    def eigenvalues(self, scales: Sequence[tuple[float, float, float]]) -> list[Tensor]:
+        """Blockwise diagonal of ``e·F̄ + γI`` in the eigenbasis (``f`` must be 0)."""
+        out: list[Tensor] = [None] * len(self.params)  # type: ignore[list-item]
+        for b, slot in zip(self.blocks, self.slots, strict=True):
+            e, f, damping = scales[b.group]
+            if f != 0.0:
+                raise ValueError("the fresh estimate is not diagonal in the eigenbasis of F̄")
+            for i, r in zip(slot, b.eigenvalues(e, damping), strict=True):
+                out[i] = r
+        return out
+
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         return {f"{i}:{b.kind}:{b.name}": b.state_dict() for i, b in enumerate(self.blocks)}

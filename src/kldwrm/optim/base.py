@@ -154,6 +154,8 @@ class CurvatureOptimizer(Optimizer):
             block.group = self._group_of[slot[0]]
         self.steps_taken = 0
         self.skipped_steps = 0
+        self._clipped: list[Tensor] | None = None
+        self._step_factors: list[float] = []
         self._warned_nonfinite = False
         self.engine.arm(True)
 
@@ -191,11 +193,13 @@ class CurvatureOptimizer(Optimizer):
             return loss
         self.engine.capture.gen_snapshot = None
         if refresh:
+            self._before_fold()
             self.engine.fold(estimates, self.rho)
         g = self._full_gradient(grads)
         steps = self._compute_step(g, refresh)
         torch._foreach_add_(params, steps)
         self._after_step(g, steps, refresh)
+        self._clipped = None
         if refresh:
             self.engine.end_refresh()
         self.steps_taken += 1
@@ -245,8 +249,9 @@ class CurvatureOptimizer(Optimizer):
         lrs = [self._lr(i) for i in range(len(d))]
         nu = 1.0
         if self.kl_clip is not None:
+            a, b = self._kl_terms(d, u)
             dots = torch.stack(
-                [torch.dot(di.reshape(-1), ui.reshape(-1)) for di, ui in zip(d, u, strict=True)]
+                [torch.dot(ai.reshape(-1), bi.reshape(-1)) for ai, bi in zip(a, b, strict=True)]
             )
             if len(set(lrs)) == 1:
                 vdotu = lrs[0] * lrs[0] * float(dots.sum())
@@ -262,7 +267,10 @@ class CurvatureOptimizer(Optimizer):
                 if rms > 0:
                     cs[i] = min(1.0, self.block_clip / rms)
         self.last_kl_scale = nu
-        return torch._foreach_mul(list(d), [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)])
+        #: per-tensor factor of the last step, ``s_i = factor_i · d_i``
+        self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
+        self._clipped = torch._foreach_mul(list(d), self._step_factors)
+        return self._clipped
 
     def _scales(self, e_of_lr: Callable[[float], float] = lambda lr: 1.0,
                 f_of_lr: Callable[[float], float] = lambda lr: 0.0) -> list[Scales]:
@@ -276,12 +284,25 @@ class CurvatureOptimizer(Optimizer):
     def _after_step(self, g: list[Tensor], steps: list[Tensor], refresh: bool) -> None:
         """Update the rule's recursion state with the step actually taken."""
 
+    def _kl_terms(
+        self, d: Sequence[Tensor], u: Sequence[Tensor]
+    ) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
+        """Two lists whose summed dot products equal ``dᵀu`` (the KL clip's ``vᵀu``).
+
+        A rule that already holds ``d`` and ``u`` in other orthonormal coordinates may
+        return those instead.
+        """
+        return d, u
+
+    def _before_fold(self) -> None:
+        """Called on refresh steps just before the curvature is re-decomposed."""
+
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for bit-exact continuation (tensors and plain values only)."""
         sd = super().state_dict()
         sd["kldwrm"] = {
-            "version": 1,
+            "version": 2,  # 2: QKLDWRM keeps its wake in the eigenbasis of F̄
             "steps_taken": self.steps_taken,
             "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),

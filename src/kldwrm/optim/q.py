@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .._validation import check_choice, check_nonnegative
 from .base import CurvatureOptimizer
@@ -31,7 +32,12 @@ class QKLDWRM(CurvatureOptimizer):
 
     State per tensor: ``wake`` = ``ĝ_k - g_k + λ_k F̄_k s_k`` and ``prev_lr`` = ``1/λ_k``,
     from which ``ĝ_{k+1}`` follows exactly; this is one vector fewer than storing ``ĝ``
-    and ``g_{k-1}`` separately.
+    and ``g_{k-1}`` separately. ``wake`` is kept in the eigenbasis of the current ``F̄``
+    (:meth:`~kldwrm.curvature.CurvatureEngine.to_eigenbasis`), where ``F̄`` is diagonal:
+    between refreshes a step then costs what a K-FAC step costs (one rotation of ``g`` in,
+    one of the direction out), and ``F̄_k s_k`` is an elementwise product instead of a
+    second pair of rotations. On refresh steps the wake is rotated back to parameter
+    coordinates before the re-decomposition and into the new basis after the step.
 
     Args:
         block_clip: per-tensor RMS clip of the preconditioned direction (paper: 2.0).
@@ -56,18 +62,23 @@ class QKLDWRM(CurvatureOptimizer):
         self.q_solve = check_choice("q_solve", q_solve, Q_SOLVES)
         self.model_curvature = check_nonnegative("model_curvature", model_curvature)
         super().__init__(model, lr=lr, rho=rho, block_clip=block_clip, **kwargs)
+        # (g, ĝ, direction) in the eigenbasis during a step between refreshes, else None
+        self._eig: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._last_ghat: list[Tensor] | None = None
 
-    def _ghat(self, g):
-        """``ĝ_k`` from the stored wake vector (eq. 30 with variable λ)."""
+    def _ghat(self, g, wake):
+        """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis."""
         out = []
-        for i, (p, gi) in enumerate(zip(self._params, g, strict=True)):
-            st = self.state[p]
-            if "wake" in st:
-                ratio = float(st["prev_lr"]) / self._lr(i)  # λ_k / λ_{k-1}
-                out.append(gi + (self.rho * ratio) * st["wake"])
-            else:
+        for i, (p, gi, w) in enumerate(zip(self._params, g, wake, strict=True)):
+            if w is None:
                 out.append(gi)
+            else:
+                ratio = float(self.state[p]["prev_lr"]) / self._lr(i)  # λ_k / λ_{k-1}
+                out.append(gi + (self.rho * ratio) * w)
         return out
+
+    def _wake(self) -> list[Tensor | None]:
+        return [self.state[p].get("wake") for p in self._params]
 
     def _system(self, refresh: bool):
         """Scales of ``F̄ + B/λ`` for each group (DESIGN section 3, eq. 20)."""
@@ -76,19 +87,77 @@ class QKLDWRM(CurvatureOptimizer):
             return self._scales(f_of_lr=lambda lr: b * lr)
         return self._scales(e_of_lr=lambda lr: 1.0 + b * lr)
 
+    def _before_fold(self):
+        """The basis is about to change: bring the wake back to parameter coordinates."""
+        wake = self._wake()
+        if any(w is not None for w in wake):
+            for p, w in zip(self._params, self.engine.from_eigenbasis(wake), strict=True):
+                self.state[p]["wake"] = w
+
     def _direction(self, g, refresh):
-        ghat = self._ghat(g)
-        self._last_ghat = ghat
-        d = self.engine.solve(ghat, self._system(refresh), self.q_solve)
-        return d, ghat
+        self._eig = None
+        if refresh:  # F_k is not diagonal in the basis of F̄: parameter coordinates
+            ghat = self._ghat(g, self._wake())
+            self._last_ghat = ghat
+            d = self.engine.solve(ghat, self._system(refresh), self.q_solve)
+            return d, ghat
+        # between refreshes: everything in the eigenbasis of F̄, where the system is diagonal
+        g_t = self.engine.to_eigenbasis(g)
+        ghat_t = self._ghat(g_t, self._wake())
+        x_t = torch._foreach_div(ghat_t, self.engine.eigenvalues(self._system(refresh)))
+        self._eig = (g_t, ghat_t, x_t)
+        return self.engine.from_eigenbasis(x_t), None
+
+    def _kl_terms(self, d, u):
+        if self._eig is not None:  # dᵀĝ, with both in the (orthonormal) eigenbasis
+            return self._eig[2], self._eig[1]
+        return d, u
 
     def _after_step(self, g, steps, refresh):
-        fs = self.engine.matvec(steps, self._scales())  # (F̄_k + γI) s_k
-        for i, (p, gi, gh, fsi) in enumerate(
-            zip(self._params, g, self._last_ghat, fs, strict=True)
-        ):
+        lrs = [self._lr(i) for i in range(len(self._params))]
+        eig, self._eig = self._eig, None
+        if eig is None:
+            fs = self.engine.matvec(steps, self._scales())  # (F̄_k + γI) s_k
+            wake = [(gh - gi).add_(fsi, alpha=1.0 / lr)
+                    for gi, gh, fsi, lr in zip(g, self._last_ghat, fs, lrs, strict=True)]
+            wake = self.engine.to_eigenbasis(wake)  # into the new basis
+        else:
+            g_t, ghat_t, x_t = eig
+            s_t = self._steps_in_eigenbasis(steps, x_t)
+            d0 = self.engine.eigenvalues(self._scales())  # F̄_k + γI, diagonal here
+            wake = [(gh - gi).add_(si * di, alpha=1.0 / lr)
+                    for gi, gh, si, di, lr in zip(g_t, ghat_t, s_t, d0, lrs, strict=True)]
+        for p, w, lr in zip(self._params, wake, lrs, strict=True):
             st = self.state[p]
-            lr = self._lr(i)
-            st["wake"] = (gh - gi).add_(fsi, alpha=1.0 / lr)
+            st["wake"] = w
             st["prev_lr"] = lr
         self._last_ghat = None
+
+    def _steps_in_eigenbasis(self, steps, x_t):
+        """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
+
+        A block whose tensors were scaled alike (the usual case) needs no rotation; a block
+        whose weight and bias were clipped differently, or a step that a subclass changed
+        afterwards (QE's inner solve), is rotated.
+        """
+        if steps is not self._clipped:
+            return self.engine.to_eigenbasis(steps)
+        f = self._step_factors
+        out = [xi * fi for xi, fi in zip(x_t, f, strict=True)]
+        mixed = [bi for bi, slot in enumerate(self.engine.slots)
+                 if len({f[i] for i in slot}) > 1]
+        if mixed:
+            rotated = self.engine.to_eigenbasis(steps, blocks=mixed)
+            for bi in mixed:
+                for i in self.engine.slots[bi]:
+                    out[i] = rotated[i]
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = int(state_dict.get("kldwrm", {}).get("version", 1))
+        super().load_state_dict(state_dict)
+        if version < 2:  # kldwrm 0.1 kept the wake in parameter coordinates
+            wake = self._wake()
+            if all(w is not None for w in wake):
+                for p, w in zip(self._params, self.engine.to_eigenbasis(wake), strict=True):
+                    self.state[p]["wake"] = w
