@@ -68,13 +68,12 @@ class QKLDWRM(CurvatureOptimizer):
 
     def _ghat(self, g, wake):
         """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis."""
-        out = []
-        for i, (p, gi, w) in enumerate(zip(self._params, g, wake, strict=True)):
-            if w is None:
-                out.append(gi)
-            else:
-                ratio = float(self.state[p]["prev_lr"]) / self._lr(i)  # λ_k / λ_{k-1}
-                out.append(gi + (self.rho * ratio) * w)
+        if any(w is None for w in wake):  # the first step: ĝ_0 = g_0
+            return list(g)
+        coef = [self.rho * float(self.state[p]["prev_lr"]) / self._lr(i)  # ρ λ_k / λ_{k-1}
+                for i, p in enumerate(self._params)]
+        out = list(torch._foreach_mul(wake, coef))
+        torch._foreach_add_(out, g)
         return out
 
     def _wake(self) -> list[Tensor | None]:
@@ -125,8 +124,10 @@ class QKLDWRM(CurvatureOptimizer):
             g_t, ghat_t, x_t = eig
             s_t = self._steps_in_eigenbasis(steps, x_t)
             d0 = self.engine.eigenvalues(self._scales())  # F̄_k + γI, diagonal here
-            wake = [(gh - gi).add_(si * di, alpha=1.0 / lr)
-                    for gi, gh, si, di, lr in zip(g_t, ghat_t, s_t, d0, lrs, strict=True)]
+            fs = torch._foreach_mul(s_t, d0)
+            torch._foreach_mul_(fs, [1.0 / lr for lr in lrs])
+            wake = list(torch._foreach_sub(ghat_t, g_t))
+            torch._foreach_add_(wake, fs)
         for p, w, lr in zip(self._params, wake, lrs, strict=True):
             st = self.state[p]
             st["wake"] = w
@@ -143,7 +144,7 @@ class QKLDWRM(CurvatureOptimizer):
         if steps is not self._clipped:
             return self.engine.to_eigenbasis(steps)
         f = self._step_factors
-        out = [xi * fi for xi, fi in zip(x_t, f, strict=True)]
+        out = list(torch._foreach_mul(x_t, f))
         mixed = [bi for bi, slot in enumerate(self.engine.slots)
                  if len({f[i] for i in slot}) > 1]
         if mixed:
