@@ -54,7 +54,8 @@ def _one(workload: str, method: str, device: str, update_freq: int, threads: int
     total = state_bytes(r.opt)
     fac = factor_bytes(r.opt)
     return dict(workload=workload, method=method, params=p, base=base, peak=peak,
-                state=total, factors=fac, per_param=(total - fac) / (4 * p))
+                state=total, factors=fac, per_param=(total - fac) / (4 * p),
+                window=int(getattr(r.opt, "window", 0)))
 
 
 def measure(workload: str, methods: Sequence[str], device: str, update_freq: int = 30,

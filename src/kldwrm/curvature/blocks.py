@@ -346,11 +346,12 @@ class KroneckerBlock(Block):
 
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
         V = self._to_mat(vecs)
-        QA, QG = self.evecs_A, self.evecs_G
         if ea_scale == 0.0:  # fresh term only (QE's B_k on refresh steps)
             out = V * damping
         else:
-            out = QG @ ((QG.T @ V @ QA) * self._eig_diag(ea_scale, damping)) @ QA.T
+            # straight from the factors, (Ā⊗Γ̄) vec(V) = vec(Γ̄ V Ā): two products, half of
+            # the round trip through the eigenbasis
+            out = torch.addmm(V, self.G_bar @ V, self.A_bar, beta=damping, alpha=ea_scale)
         if fresh_scale != 0.0:
             out = out + fresh_scale * (self.G_fresh @ V @ self.A_fresh)
         return self._from_mat(out)
