@@ -135,30 +135,37 @@ def _targets(st_rows: Sequence[dict], mem_rows: Sequence[dict], issue2: dict | N
 
 
 OBSTACLES = """\
-- **(b) MLP 784-1024-1024-10, batch 256: K-FAC-type preconditioning is arithmetically
-  more expensive than the SGD step it preconditions.** The exact damped solve in the
-  eigenbasis, `QG ((QGᵀ V QA) / (e·dG dAᵀ + γ)) QAᵀ`, is four matrix products with
-  n x n x n ≈ 1024³ work per 1024-wide layer on *every* step (~14 GFLOP for this MLP),
-  while SGD's forward + backward is 6·B·n² per layer (~2.9 GFLOP at B = 256). The solve
-  alone is ~5x a plain step, so K-FAC with exact damping cannot approach 1.10x at this
-  batch size; even a factored-damping inverse (two products instead of four, a different
-  approximation) would be >= 2.3x. Each refresh adds four ~1024² eigendecompositions and,
-  for `q` (`q_solve="exact"`), a float64 CG in the eigenbasis. The ratio falls as the batch
-  grows (the solve does not depend on B). Q keeps its wake vector in the eigenbasis of F̄,
-  so between refreshes it costs the same four products as K-FAC (before: eight).
-- **(a) paper CNN, batch 512**: the step is dominated by the convolutions and max-pooling
-  of the forward/backward pass; what K-FAC adds is (i) the refresh every N_u steps (the
-  sampled-label backward, the KFC factor `A` of the two convolutions, ~20 ms, whose Gram
-  product costs more FLOPs than the convolutions themselves, and the small
-  eigendecompositions), ~1 ms per step amortised at N_u = 30, and (ii) ~0.4-0.6 ms per step
-  of small-op and Python overhead in the solve and clip path (4 blocks x ~10 tiny tensor
-  ops, against SGD's ~0.1 ms step). Together about 1.08-1.10x on this shared 2-core
-  machine, i.e. at the target with no margin: run-to-run noise decides some cells.
-- **QE** costs, per step, the user's forward + backward, the Q step, one forward of each of
-  the W stored networks on the batch (one vmap; ~0.6 of a training step each on the CNN,
-  whose max-pooling is expensive) and N_IS inner steps of forward + backward: about
-  1 + N_IS + 0.6·W training steps, i.e. ~13.4x SGD for the paper's W = 4, N_IS = 10,
-  just above the (N_IS + 3)x target before any other overhead.
+- **(b) MLP 784-1024-1024-10, batch 256: K-FAC-type preconditioning costs more arithmetic
+  than the SGD step it preconditions.** The exact damped solve in the eigenbasis,
+  `QG ((QGᵀ V QA) / (e·dG dAᵀ + γ)) QAᵀ`, is four matrix products of ~1024³ work per
+  1024-wide layer on *every* step (~14 GFLOP for this MLP), while SGD's forward + backward
+  is 6·B·n² per layer (~2.9 GFLOP at B = 256): the solve alone is ~5x a plain step, and the
+  measured products run near this machine's peak, so no implementation of exact damping can
+  approach 1.10x at this batch size (a factored-damping inverse, two products and a
+  different approximation, would still be >= 2.3x). Each refresh adds four ~1024²
+  eigendecompositions (~0.5 s, ~17 ms per step at N_u = 30) and, for `q` with
+  `q_solve="exact"`, a float64 CG in the eigenbasis (~0.85 s). The ratio falls as the batch
+  grows, since the solve does not depend on B. Q keeps its wake vector in the eigenbasis of
+  F̄, so between refreshes it costs the same four products as K-FAC (it used eight: 13.6x
+  SGD before, ~8.7x now).
+- **QE on (b)**: every inner step multiplies `B_k s` (two ~1024³ products per layer since the
+  Kronecker matvec now goes straight through the factors, before four) next to a forward and
+  backward of the KL terms, so N_IS = 10 inner steps cost ~10 K-FAC solves: ~55x SGD against
+  the (N_IS + 3)x = 13x target. The obstacle is the same arithmetic as above, times N_IS.
+- **(a) paper CNN, batch 512**: the step is dominated by the convolutions and max-pooling of
+  the forward/backward pass; what K-FAC adds is (i) the refresh every N_u steps (~23 ms,
+  was ~34 ms before the feature-major KFC factor: the sampled-label backward ~4 ms, the
+  factor `A` of the two convolutions ~20 ms, whose Gram product costs more FLOPs than the
+  convolutions themselves, the small eigendecompositions ~2 ms), ~0.8 ms per step amortised
+  at N_u = 30, and (ii) ~0.4-0.6 ms per step of small-op and Python overhead in the solve and
+  clip path (4 blocks x ~10 tiny tensor ops, against SGD's ~0.1 ms step). Together ~1.07-1.10x
+  of a ~17-22 ms SGD step: at the target with little margin, so on this shared VM run-to-run
+  noise decides some cells (in one run K-FAC measured above SO, which does strictly more work).
+- **QE on (a)** costs, per step, the user's forward + backward, the Q step, one forward of
+  each of the W stored networks on the batch (one vmap; ~0.6 of a training step each on this
+  max-pooling-heavy CNN) and N_IS inner steps of forward + backward: about 1 + N_IS + 0.6·W
+  training steps, i.e. ~13.4x SGD for the paper's W = 4, N_IS = 10 before any other
+  overhead, against the (N_IS + 3)x = 13x target.
 """
 
 
