@@ -158,9 +158,11 @@ OBSTACLES = """\
   factor `A` of the two convolutions ~20 ms, whose Gram product costs more FLOPs than the
   convolutions themselves, the small eigendecompositions ~2 ms), ~0.8 ms per step amortised
   at N_u = 30, and (ii) ~0.4-0.6 ms per step of small-op and Python overhead in the solve and
-  clip path (4 blocks x ~10 tiny tensor ops, against SGD's ~0.1 ms step). Together ~1.07-1.10x
-  of a ~17-22 ms SGD step: at the target with little margin, so on this shared VM run-to-run
-  noise decides some cells (in one run K-FAC measured above SO, which does strictly more work).
+  clip path (4 blocks x ~10 tiny tensor ops, against SGD's ~0.1 ms step): ~1.5-2 ms on a
+  ~16-22 ms SGD step. Measured on this shared VM, the same code gave 1.06-1.13x (mean ratio)
+  across runs, e.g. K-FAC above SO in one run although SO does strictly more work, so the
+  target is at the noise level here: met by the issue 2 figure (median of three), missed by
+  the longest (600-step) cell.
 - **QE on (a)** costs, per step, the user's forward + backward, the Q step, one forward of
   each of the W stored networks on the batch (one vmap; ~0.6 of a training step each on this
   max-pooling-heavy CNN) and N_IS inner steps of forward + backward: about 1 + N_IS + 0.6·W
