@@ -144,13 +144,13 @@ OBSTACLES = """\
   approach 1.10x at this batch size (a factored-damping inverse, two products and a
   different approximation, would still be >= 2.3x). Each refresh adds four ~1024²
   eigendecompositions (~0.5 s, ~17 ms per step at N_u = 30) and, for `q` with
-  `q_solve="exact"`, a float64 CG in the eigenbasis (~0.85 s). The ratio falls as the batch
+  `q_solve="exact"`, a float64 CG in the eigenbasis (~0.65 s). The ratio falls as the batch
   grows, since the solve does not depend on B. Q keeps its wake vector in the eigenbasis of
   F̄, so between refreshes it costs the same four products as K-FAC (it used eight: 13.6x
-  SGD before, ~8.7x now).
+  SGD before, ~8.5x now, the rest being its refresh).
 - **QE on (b)**: every inner step multiplies `B_k s` (two ~1024³ products per layer since the
   Kronecker matvec now goes straight through the factors, before four) next to a forward and
-  backward of the KL terms, so N_IS = 10 inner steps cost ~10 K-FAC solves: ~55x SGD against
+  backward of the KL terms, so N_IS = 10 inner steps cost ~10 K-FAC solves: 47-55x SGD against
   the (N_IS + 3)x = 13x target. The obstacle is the same arithmetic as above, times N_IS.
 - **(a) paper CNN, batch 512**: the step is dominated by the convolutions and max-pooling of
   the forward/backward pass; what K-FAC adds is (i) the refresh every N_u steps (~23 ms,
