@@ -74,13 +74,16 @@ def _runs_table(runs: Sequence[dict], used: set[int]) -> str:
     return "\n".join(out)
 
 
-def _with_run(table: str, rows: Sequence[dict]) -> str:
-    """Append a ``run`` column to a Markdown table whose body rows follow ``rows``."""
+def _with_columns(table: str, rows: Sequence[dict], columns: dict[str, str] | None = None
+                  ) -> str:
+    """Append columns (header → row key, default just ``run``) to a Markdown table whose
+    body rows follow ``rows``; lines after the table body are kept."""
+    columns = columns or {"run": "run"}
     lines = table.split("\n")
-    out = [lines[0] + " run |", lines[1] + "---|"]
+    out = [lines[0] + "".join(f" {h} |" for h in columns), lines[1] + "---|" * len(columns)]
     body = lines[2:]
     for line, r in zip(body[: len(rows)], rows, strict=True):
-        out.append(f"{line} {r.get('run', '?')} |")
+        out.append(line + "".join(f" {r.get(k, '?')} |" for k in columns.values()))
     out += body[len(rows):]
     return "\n".join(out)
 
@@ -188,15 +191,12 @@ def render(store: dict, out: Path) -> None:
     if acc and acc["rows"]:
         sweeps = {m: {"chosen": sw["chosen"], "scores": dict(map(tuple, sw["scores"]))}
                   for m, sw in acc["sweeps"].items()}
-        table = accuracy.format_rows(acc["rows"], {}).split("\n")
-        table[0] += " epochs x seeds | run |"
-        table[1] += "---|---|"
-        for i, r in enumerate(acc["rows"]):
-            table[2 + i] += f" {r['epochs']} x {r['seeds']} | {r['run']} |"
-        notes = accuracy.format_rows([], sweeps).split("\n")[2:]
+        rows = [{**r, "size": f"{r['epochs']} x {r['seeds']}"} for r in acc["rows"]]
+        table = _with_columns(accuracy.format_rows(rows, sweeps), rows,
+                              {"epochs x seeds": "size", "run": "run"})
         acc_text = ("Median over seeds; *s* = training seconds (evaluation excluded); a level "
                     "not reached within the epochs run by half the seeds or more is \"not "
-                    "reached\".\n\n" + "\n".join(table + notes))
+                    "reached\".\n\n" + table)
     issue2_text = missing.format("kfac_vs_sgd")
     if issue2:
         head = f"Run {issue2['run']}, {len(issue2['rows'])} independent runs:\n\n"
@@ -245,7 +245,7 @@ figure when the machine is shared.
 
 Workloads: {"; ".join(w.label for w in step_time.WORKLOADS.values())}.
 
-{_with_run(step_time.format_rows(st_rows), st_rows) if st_rows else missing.format("step_time")}
+{_with_columns(step_time.format_rows(st_rows), st_rows) if st_rows else missing.format("step_time")}
 
 ## The refresh step, itemised (milliseconds, median over refreshes, N_u = 30)
 
@@ -255,7 +255,7 @@ backward); *factors* = `engine.fresh_estimates`; *all-reduce* = 0 in one process
 (*decomposition*); *solve* = `engine.solve` + `engine.matvec`; *rest* = the remainder of
 `step()`.
 
-{_with_run(refresh.format_rows(rf_rows), rf_rows) if rf_rows else missing.format("refresh")}
+{_with_columns(refresh.format_rows(rf_rows), rf_rows) if rf_rows else missing.format("refresh")}
 
 ## Memory and optimizer state
 
@@ -264,7 +264,7 @@ is `optimizer.state_bytes()` (curvature factors, eigenvectors and eigenvalues, p
 per-parameter vectors) or the state tensors of SGD/Adam; the last column is the
 per-parameter part in units of one float32 copy of the parameters.
 
-{_with_run(memory.format_rows(mem_rows), mem_rows) if mem_rows else missing.format("memory")}
+{_with_columns(memory.format_rows(mem_rows), mem_rows) if mem_rows else missing.format("memory")}
 
 ## Time to accuracy on MNIST (paper CNN, batch 512)
 

@@ -92,56 +92,55 @@ def test_step_equals_dense_damped_kronecker_solve(update_freq):
             torch.testing.assert_close(got, s, rtol=1e-9, atol=1e-13)
 
 
-@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
-def test_state_dict_round_trip_is_bit_exact(cls):
+def _interrupted_and_uninterrupted(cls, dtype, n_steps, edit_checkpoint=None):
+    """Train ``n_steps`` straight through, and again with a ``torch.save``/``torch.load``
+    (``weights_only``) of model and optimizer halfway into a new model and optimizer built
+    with another seed; ``edit_checkpoint`` may rewrite the checkpoint in between. Returns
+    the two final models."""
     kw = dict(update_freq=3, fisher="mc", lr=0.05)
-    data = _batches(20, dtype=torch.float32)
-    model = _mlp(dtype=torch.float32)
+    data = _batches(n_steps, dtype=dtype)
+    model = _mlp(dtype=dtype)
     ref_model = copy.deepcopy(model)
     opt = cls(ref_model, **kw)
     for x, y in data:
         _ordinary_step(ref_model, opt, x, y)
     opt = cls(model, **kw)
-    for x, y in data[:10]:
+    half = n_steps // 2
+    for x, y in data[:half]:
         _ordinary_step(model, opt, x, y)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)  # a checkpoint must not be able to run code
-    fresh = _mlp(seed=123, dtype=torch.float32)
+    if edit_checkpoint is not None:
+        edit_checkpoint(model, opt, ckpt["opt"])
+    fresh = _mlp(seed=123, dtype=dtype)
     fresh.load_state_dict(ckpt["model"])
     opt2 = cls(fresh, **{**kw, "seed": 999})
     opt2.load_state_dict(ckpt["opt"])
-    for x, y in data[10:]:
+    for x, y in data[half:]:
         _ordinary_step(fresh, opt2, x, y)
-    for p, q in zip(fresh.parameters(), ref_model.parameters(), strict=True):
+    return fresh, ref_model
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_state_dict_round_trip_is_bit_exact(cls):
+    resumed, ref = _interrupted_and_uninterrupted(cls, torch.float32, 20)
+    for p, q in zip(resumed.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
 def test_q_loads_a_version_1_checkpoint_with_the_wake_in_parameter_coordinates():
     """kldwrm 0.1 saved Q's wake in parameter coordinates; loading rotates it."""
-    kw = dict(update_freq=3, fisher="mc", lr=0.05)
-    data = _batches(14, dtype=torch.float64)
-    model = _mlp(dtype=torch.float64)
-    ref_model = copy.deepcopy(model)
-    opt = QKLDWRM(ref_model, **kw)
-    for x, y in data:
-        _ordinary_step(ref_model, opt, x, y)
-    opt = QKLDWRM(model, **kw)
-    for x, y in data[:7]:
-        _ordinary_step(model, opt, x, y)
-    old = copy.deepcopy(opt.state_dict())
-    params = list(model.parameters())
-    wake = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in params])
-    for i, w in enumerate(wake):  # what 0.1 stored
-        old["state"][i]["wake"] = w.clone()
-    old["kldwrm"]["version"] = 1
-    fresh = copy.deepcopy(model)
-    opt2 = QKLDWRM(fresh, **kw)
-    opt2.load_state_dict(old)
-    for x, y in data[7:]:
-        _ordinary_step(fresh, opt2, x, y)
-    for p, q in zip(fresh.parameters(), ref_model.parameters(), strict=True):
+    def as_version_1(model, opt, ckpt):
+        params = list(model.parameters())
+        wake = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in params])
+        for i, w in enumerate(wake):  # what 0.1 stored
+            ckpt["state"][i]["wake"] = w.clone()
+        ckpt["kldwrm"]["version"] = 1
+
+    resumed, ref = _interrupted_and_uninterrupted(QKLDWRM, torch.float64, 14, as_version_1)
+    for p, q in zip(resumed.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 

@@ -125,6 +125,10 @@ class Block(ABC):
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def _check_ready(self) -> None:
+        if not self.initialized:
+            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+
 
 def _ea(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     """Eq. 12/13 update; the first estimate seeds the average (F̄_0 = F_0)."""
@@ -276,17 +280,21 @@ class KroneckerBlock(Block):
             entry = self._diag_cache[key] = (d, self._from_mat(d))
         return entry
 
-    def _check_ready(self) -> None:
-        if not self.initialized:
-            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+    def _rotate(self, V: Tensor) -> Tensor:
+        """``QΓᵀ V QA``: a weight-shaped matrix in the eigenbasis of ``Ā⊗Γ̄``."""
+        return self.evecs_G.T @ V @ self.evecs_A
+
+    def _unrotate(self, X: Tensor) -> Tensor:
+        """``QΓ X QAᵀ``, the inverse of :meth:`_rotate`."""
+        return self.evecs_G @ X @ self.evecs_A.T
 
     def to_eigenbasis(self, vecs):
         self._check_ready()
-        return self._from_mat(self.evecs_G.T @ self._to_mat(vecs) @ self.evecs_A)
+        return self._from_mat(self._rotate(self._to_mat(vecs)))
 
     def from_eigenbasis(self, coords):
         self._check_ready()
-        return self._from_mat(self.evecs_G @ self._to_mat(coords) @ self.evecs_A.T)
+        return self._from_mat(self._unrotate(self._to_mat(coords)))
 
     def eigenvalues(self, ea_scale, damping):
         self._check_ready()
@@ -295,11 +303,10 @@ class KroneckerBlock(Block):
     def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
         self._check_ready()
         V = self._to_mat(vecs)
-        QA, QG = self.evecs_A, self.evecs_G
         if fresh_scale == 0.0:
             # exact in the eigenbasis: (e Ā⊗Γ̄ + γI)^{-1} = (QA⊗QG) (e dA⊗dG + γ)^{-1} (QA⊗QG)^T
-            Vt = QG.T @ V @ QA
-            return self._from_mat(QG @ (Vt / self._eig_diag(ea_scale, damping)) @ QA.T)
+            D = self._eig_diag(ea_scale, damping)
+            return self._from_mat(self._unrotate(self._rotate(V) / D))
         if self.A_fresh is None:
             raise RuntimeError(f"fresh factors of {self.name!r} are only kept on refresh steps")
         if method == "augmented":
@@ -331,7 +338,7 @@ class KroneckerBlock(Block):
         D = torch.outer(self.evals_G.double(), self.evals_A.double()) * e + damping
         # the right-hand side and the way back need only the input's precision (the result is
         # returned in it): the operator, where the 1e-6 residual is certified, is float64
-        Vt = (self.evecs_G.T @ V @ self.evecs_A).double()
+        Vt = self._rotate(V).double()
 
         def op(X: Tensor) -> Tensor:
             return D * X + f * (Gh @ X @ Ah)
@@ -344,8 +351,7 @@ class KroneckerBlock(Block):
                 f"q_solve='exact' did not reach relative residual {EXACT_SOLVE_RTOL:g} for "
                 f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
             )
-        X = X.to(dt)
-        return self.evecs_G.to(dt) @ X @ self.evecs_A.to(dt).T
+        return self._unrotate(X.to(dt))
 
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
         V = self._to_mat(vecs)
@@ -440,8 +446,7 @@ class DiagonalBlock(Block):
         return d
 
     def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
-        if not self.initialized:
-            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+        self._check_ready()
         return [vecs[0] / self._diag(damping, ea_scale, fresh_scale)]
 
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
@@ -455,8 +460,7 @@ class DiagonalBlock(Block):
         return [coords[0]]
 
     def eigenvalues(self, ea_scale, damping):
-        if not self.initialized:
-            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+        self._check_ready()
         return [self._diag(damping, ea_scale, 0.0)]
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -66,8 +66,7 @@ class DenseBlock(Block):
         return out
 
     def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
-        if not self.initialized:
-            raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
+        self._check_ready()
         u = self._flat(vecs)
         if fresh_scale == 0.0:
             Q = self.evecs
@@ -77,12 +76,15 @@ class DenseBlock(Block):
         return self._unflat(torch.linalg.solve(mat, u))
 
     def to_eigenbasis(self, vecs):
+        self._check_ready()
         return self._unflat(self.evecs.T @ self._flat(vecs))
 
     def from_eigenbasis(self, coords):
+        self._check_ready()
         return self._unflat(self.evecs @ self._flat(coords))
 
     def eigenvalues(self, ea_scale, damping):
+        self._check_ready()
         return self._unflat(self.evals * ea_scale + damping)
 
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):

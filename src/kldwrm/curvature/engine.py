@@ -9,7 +9,7 @@ parameter-shaped vectors through the damped solves and matrix-vector products.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -152,6 +152,22 @@ class CurvatureEngine:
         self.capture.clear()
 
     # -- linear algebra on parameter-shaped vectors --------------------------------------
+    def _map_blocks(
+        self,
+        fn: Callable[[Block, list[Tensor] | None], list[Tensor]],
+        vecs: Sequence[Tensor] | None,
+        blocks: Sequence[int] | None = None,
+    ) -> list[Tensor]:
+        """``fn(block, its slice of vecs)`` over ``blocks`` (default: all), reassembled into a
+        flat parameter-ordered list; tensors of the other blocks pass through unchanged."""
+        out: list[Tensor] = [None] * len(self.params) if blocks is None else list(vecs)  # type: ignore[list-item,arg-type]
+        for bi in range(len(self.blocks)) if blocks is None else blocks:
+            slot = self.slots[bi]
+            part = fn(self.blocks[bi], None if vecs is None else [vecs[i] for i in slot])
+            for i, r in zip(slot, part, strict=True):
+                out[i] = r
+        return out
+
     def solve(
         self,
         vecs: Sequence[Tensor],
@@ -159,35 +175,23 @@ class CurvatureEngine:
         method: str = "exact",
     ) -> list[Tensor]:
         """Blockwise ``(e·F̄ + f·F + γI)^{-1} v``; ``scales[group] = (e, f, γ)``."""
-        out: list[Tensor] = [None] * len(vecs)  # type: ignore[list-item]
-        for b, slot in zip(self.blocks, self.slots, strict=True):
+        def one(b: Block, v: list[Tensor] | None) -> list[Tensor]:
             e, f, damping = scales[b.group]
-            res = b.solve([vecs[i] for i in slot], damping, e, f, method)
-            for i, r in zip(slot, res, strict=True):
-                out[i] = r
-        return out
+            return b.solve(v, damping, e, f, method)
+
+        return self._map_blocks(one, vecs)
 
     def matvec(
         self, vecs: Sequence[Tensor], scales: Sequence[tuple[float, float, float]]
     ) -> list[Tensor]:
         """Blockwise ``(e·F̄ + f·F + γI) v``; ``scales[group] = (e, f, γ)``."""
-        out: list[Tensor] = [None] * len(vecs)  # type: ignore[list-item]
-        for b, slot in zip(self.blocks, self.slots, strict=True):
+        def one(b: Block, v: list[Tensor] | None) -> list[Tensor]:
             e, f, damping = scales[b.group]
-            res = b.matvec([vecs[i] for i in slot], damping, e, f)
-            for i, r in zip(slot, res, strict=True):
-                out[i] = r
-        return out
+            return b.matvec(v, damping, e, f)
+
+        return self._map_blocks(one, vecs)
 
     # -- the eigenbasis of F̄ ---------------------------------------------------------------
-    def _blockwise(self, fn, vecs: Sequence[Tensor], blocks: Sequence[int] | None) -> list[Tensor]:
-        out: list[Tensor] = list(vecs) if blocks is not None else [None] * len(vecs)  # type: ignore[list-item]
-        for bi in range(len(self.blocks)) if blocks is None else blocks:
-            slot = self.slots[bi]
-            for i, r in zip(slot, fn(self.blocks[bi], [vecs[i] for i in slot]), strict=True):
-                out[i] = r
-        return out
-
     def to_eigenbasis(
         self, vecs: Sequence[Tensor], blocks: Sequence[int] | None = None
     ) -> list[Tensor]:
@@ -195,24 +199,23 @@ class CurvatureEngine:
 
         ``blocks``: indices of the blocks to transform; the other tensors pass through.
         """
-        return self._blockwise(lambda b, v: b.to_eigenbasis(v), vecs, blocks)
+        return self._map_blocks(lambda b, v: b.to_eigenbasis(v), vecs, blocks)
 
     def from_eigenbasis(
         self, coords: Sequence[Tensor], blocks: Sequence[int] | None = None
     ) -> list[Tensor]:
         """Inverse of :meth:`to_eigenbasis`."""
-        return self._blockwise(lambda b, v: b.from_eigenbasis(v), coords, blocks)
+        return self._map_blocks(lambda b, v: b.from_eigenbasis(v), coords, blocks)
 
     def eigenvalues(self, scales: Sequence[tuple[float, float, float]]) -> list[Tensor]:
         """Blockwise diagonal of ``e·F̄ + γI`` in the eigenbasis (``f`` must be 0)."""
-        out: list[Tensor] = [None] * len(self.params)  # type: ignore[list-item]
-        for b, slot in zip(self.blocks, self.slots, strict=True):
+        def one(b: Block, _: list[Tensor] | None) -> list[Tensor]:
             e, f, damping = scales[b.group]
             if f != 0.0:
                 raise ValueError("the fresh estimate is not diagonal in the eigenbasis of F̄")
-            for i, r in zip(slot, b.eigenvalues(e, damping), strict=True):
-                out[i] = r
-        return out
+            return b.eigenvalues(e, damping)
+
+        return self._map_blocks(one, None)
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Tensor]]:

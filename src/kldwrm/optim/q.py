@@ -62,9 +62,9 @@ class QKLDWRM(CurvatureOptimizer):
         self.q_solve = check_choice("q_solve", q_solve, Q_SOLVES)
         self.model_curvature = check_nonnegative("model_curvature", model_curvature)
         super().__init__(model, lr=lr, rho=rho, block_clip=block_clip, **kwargs)
-        # (g, ĝ, direction) in the eigenbasis during a step between refreshes, else None
-        self._eig: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
-        self._last_ghat: list[Tensor] | None = None
+        # (g, ĝ, x) of the current step: in parameter coordinates with x = None on refresh
+        # steps, in the eigenbasis of F̄ (x = the direction there) between refreshes
+        self._step_vectors: tuple[list[Tensor], list[Tensor], list[Tensor] | None] | None = None
 
     def _ghat(self, g, wake):
         """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis."""
@@ -86,53 +86,54 @@ class QKLDWRM(CurvatureOptimizer):
             return self._scales(f_of_lr=lambda lr: b * lr)
         return self._scales(e_of_lr=lambda lr: 1.0 + b * lr)
 
-    def _before_fold(self):
-        """The basis is about to change: bring the wake back to parameter coordinates."""
+    def _map_wake(self, change_basis) -> None:
+        """Re-express the stored wake (if any) with ``engine.to/from_eigenbasis``."""
         wake = self._wake()
-        if any(w is not None for w in wake):
-            for p, w in zip(self._params, self.engine.from_eigenbasis(wake), strict=True):
+        if all(w is not None for w in wake):
+            for p, w in zip(self._params, change_basis(wake), strict=True):
                 self.state[p]["wake"] = w
 
+    def _before_fold(self):
+        """The basis is about to change: bring the wake back to parameter coordinates."""
+        self._map_wake(self.engine.from_eigenbasis)
+
     def _direction(self, g, refresh):
-        self._eig = None
         if refresh:  # F_k is not diagonal in the basis of F̄: parameter coordinates
             ghat = self._ghat(g, self._wake())
-            self._last_ghat = ghat
-            d = self.engine.solve(ghat, self._system(refresh), self.q_solve)
-            return d, ghat
+            self._step_vectors = (g, ghat, None)
+            return self.engine.solve(ghat, self._system(refresh), self.q_solve), ghat
         # between refreshes: everything in the eigenbasis of F̄, where the system is diagonal
         g_t = self.engine.to_eigenbasis(g)
         ghat_t = self._ghat(g_t, self._wake())
         x_t = torch._foreach_div(ghat_t, self.engine.eigenvalues(self._system(refresh)))
-        self._eig = (g_t, ghat_t, x_t)
+        self._step_vectors = (g_t, ghat_t, x_t)
         return self.engine.from_eigenbasis(x_t), None
 
     def _kl_terms(self, d, u):
-        if self._eig is not None:  # dᵀĝ, with both in the (orthonormal) eigenbasis
-            return self._eig[2], self._eig[1]
+        _, ghat, x = self._step_vectors
+        if x is not None:  # dᵀĝ, with both in the (orthonormal) eigenbasis
+            return x, ghat
         return d, u
 
     def _after_step(self, g, steps, refresh):
+        """``wake = ĝ_k - g_k + λ_k (F̄_k + γI) s_k``, stored in the eigenbasis of ``F̄_k``."""
         lrs = [self._lr(i) for i in range(len(self._params))]
-        eig, self._eig = self._eig, None
-        if eig is None:
-            fs = self.engine.matvec(steps, self._scales())  # (F̄_k + γI) s_k
-            wake = [(gh - gi).add_(fsi, alpha=1.0 / lr)
-                    for gi, gh, fsi, lr in zip(g, self._last_ghat, fs, lrs, strict=True)]
+        g_b, ghat_b, x_t = self._step_vectors  # in the basis they were computed in
+        self._step_vectors = None
+        if x_t is None:
+            fs = self.engine.matvec(steps, self._scales())
+        else:  # F̄ + γI is diagonal in the eigenbasis
+            fs = torch._foreach_mul(self._steps_in_eigenbasis(steps, x_t),
+                                    self.engine.eigenvalues(self._scales()))
+        torch._foreach_mul_(fs, [1.0 / lr for lr in lrs])
+        wake = list(torch._foreach_sub(ghat_b, g_b))
+        torch._foreach_add_(wake, fs)
+        if x_t is None:
             wake = self.engine.to_eigenbasis(wake)  # into the new basis
-        else:
-            g_t, ghat_t, x_t = eig
-            s_t = self._steps_in_eigenbasis(steps, x_t)
-            d0 = self.engine.eigenvalues(self._scales())  # F̄_k + γI, diagonal here
-            fs = torch._foreach_mul(s_t, d0)
-            torch._foreach_mul_(fs, [1.0 / lr for lr in lrs])
-            wake = list(torch._foreach_sub(ghat_t, g_t))
-            torch._foreach_add_(wake, fs)
         for p, w, lr in zip(self._params, wake, lrs, strict=True):
             st = self.state[p]
             st["wake"] = w
             st["prev_lr"] = lr
-        self._last_ghat = None
 
     def _steps_in_eigenbasis(self, steps, x_t):
         """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
@@ -158,7 +159,4 @@ class QKLDWRM(CurvatureOptimizer):
         version = int(state_dict.get("kldwrm", {}).get("version", 1))
         super().load_state_dict(state_dict)
         if version < 2:  # kldwrm 0.1 kept the wake in parameter coordinates
-            wake = self._wake()
-            if all(w is not None for w in wake):
-                for p, w in zip(self._params, self.engine.to_eigenbasis(wake), strict=True):
-                    self.state[p]["wake"] = w
+            self._map_wake(self.engine.to_eigenbasis)
