@@ -1,6 +1,6 @@
 """Run the benchmark suite and regenerate ``docs/benchmarks.md``.
 
-Usage (from the repository root, after ``pip install -e .``)::
+Usage (from the repository root, after ``pip install -c constraints.txt -e ".[experiments]"``)::
 
     python -m benchmarks.run                     # every stage, full size (~2-3 h on 2 cores)
     python -m benchmarks.run --quick             # smaller: 60-step secondary cells, 2 epochs

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from kldwrm.experiments.report import (
@@ -71,24 +71,21 @@ def test_table1_by_hand(runs_root):
     assert qe.loss_mean == pytest.approx(0.23) and qe.loss_sd == pytest.approx(0.1 / math.sqrt(2))
 
 
-def test_table1_matches_pandas_and_explicit_epoch(runs_root):
-    records = [
-        dict(solver=s, seed=k, epoch=e, acc=a, loss=l)
-        for (s, k), rows in RUNS.items()
-        for e, a, l, _ in rows
-    ]
-    df = pd.DataFrame(records)
+def test_table1_matches_statistics_module_and_explicit_epoch(runs_root):
+    """Each row against an independent computation with the standard library."""
     for epoch in (2, 3):
-        by_solver = df[df.epoch == epoch].groupby("solver")
         for s in summarize(collect_runs(runs_root)["mnist"], epoch=epoch):
-            g = by_solver.get_group(s.solver)
-            assert s.runs == len(g)
-            assert s.acc_mean == pytest.approx(100 * g.acc.mean())
-            assert s.acc_sd == pytest.approx(100 * g.acc.std(ddof=1))
-            assert s.loss_mean == pytest.approx(g.loss.mean())
-            assert s.loss_sd == pytest.approx(g.loss.std(ddof=1))
-            assert s.counts["n_acc_ge_98"] == int((g.acc >= 0.98).sum())
-            assert s.counts["n_loss_le_0_25"] == int((g.loss <= 0.25).sum())
+            rows = [r for (solver, _), rs in RUNS.items() if solver == s.solver
+                    for r in rs if r[0] == epoch]
+            acc = [a for _, a, _, _ in rows]
+            loss = [l for _, _, l, _ in rows]
+            assert s.runs == len(rows)
+            assert s.acc_mean == pytest.approx(100 * statistics.fmean(acc))
+            assert s.acc_sd == pytest.approx(100 * statistics.stdev(acc))
+            assert s.loss_mean == pytest.approx(statistics.fmean(loss))
+            assert s.loss_sd == pytest.approx(statistics.stdev(loss))
+            assert s.counts["n_acc_ge_98"] == sum(a >= 0.98 for a in acc)
+            assert s.counts["n_loss_le_0_25"] == sum(l <= 0.25 for l in loss)
     kfac2 = summarize(collect_runs(runs_root)["mnist"], epoch=2)[0]
     assert kfac2.runs == 4 and kfac2.counts["n_acc_ge_98"] == 2  # 0.980 and 0.982
 
@@ -108,7 +105,7 @@ def test_figure_curves_mean_and_band(runs_root):
     ep, mean, sd = mean_sd_curve(kfac, "test_loss")
     assert ep.tolist() == [1, 2, 3]
     assert mean.tolist() == pytest.approx([0.425, 0.325, 0.25])
-    assert sd[0] == pytest.approx(pd.Series([0.40, 0.45, 0.35, 0.50]).std(ddof=1))
+    assert sd[0] == pytest.approx(statistics.stdev([0.40, 0.45, 0.35, 0.50]))
     assert sd[2] == pytest.approx(0.05)
     ep, mean, _ = mean_sd_curve(kfac, "test_acc", 100.0)
     assert mean[2] == pytest.approx((98.00 + 98.05 + 98.50) / 3)
@@ -140,17 +137,22 @@ def test_write_report_files_and_text(runs_root):
     assert "| K-FAC | 3/4 | 2.0 | 20.0 | 11.8 |" in text
     assert "sample SD (ddof=1)" in text and "seed3" in text
     assert (out / "mnist_table1.md").read_text().strip() == text.strip()
-    table = pd.read_csv(out / "mnist_table1.csv")
-    ours = table[table.source == "this run"].set_index("solver")
-    assert ours.loc["kfac", "acc_mean"] == pytest.approx((98.00 + 98.05 + 98.50) / 3)
-    assert ours.loc["qe", "loss_sd"] == pytest.approx(0.1 / math.sqrt(2))
-    paper = table[table.source == "paper"].set_index("solver")
+    table = _read_csv(out / "mnist_table1.csv")
+    ours = {r["solver"]: r for r in table if r["source"] == "this run"}
+    assert float(ours["kfac"]["acc_mean"]) == pytest.approx((98.00 + 98.05 + 98.50) / 3)
+    assert float(ours["qe"]["loss_sd"]) == pytest.approx(0.1 / math.sqrt(2))
+    paper = {r["solver"]: r for r in table if r["source"] == "paper"}
     for solver, vals in PAPER_TABLE1.items():
-        if solver in paper.index:
+        if solver in paper:
             for k, v in vals.items():
-                assert paper.loc[solver, k] == pytest.approx(v)
-    times = pd.read_csv(out / "mnist_time_to_98.csv").set_index("solver")
-    assert times.loc["kfac", "median_seconds"] == 20.0 and times.loc["qe", "reached"] == 1
+                assert float(paper[solver][k]) == pytest.approx(v)
+    times = {r["solver"]: r for r in _read_csv(out / "mnist_time_to_98.csv")}
+    assert float(times["kfac"]["median_seconds"]) == 20.0 and int(times["qe"]["reached"]) == 1
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def test_paper_values_complete_and_no_paper_for_other_data(tmp_path, runs_root):

@@ -6,6 +6,7 @@ This is the only module of the package that prints.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -530,8 +531,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what the command line needs beyond torch: the ``experiments`` extra
+EXTRA_MODULES = ("numpy", "tqdm", "matplotlib")
+
+
+def missing_extras() -> list[str]:
+    """Modules of the ``experiments`` extra that are not installed."""
+    return [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kldwrm`` console script; returns the exit status."""
+    missing = missing_extras()
+    if missing:
+        print(
+            f"kldwrm: error: the command line needs the experiments extra (missing: "
+            f"{', '.join(missing)}); install it with: pip install 'kldwrm[experiments]'",
+            file=sys.stderr,
+        )
+        return 2
     from .data import ChecksumError, DatasetNotFoundError
     from .train import ConfigMismatchError
 
