@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-import kldwrm.curvature.blocks as blocks_mod
+import kldwrm.curvature.kron as blocks_mod
 
 from .common import WORKLOADS, available_methods, now
 from .step_time import build_runners

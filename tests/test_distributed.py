@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kldwrm import KFAC, QKLDWRM, SOKLDWRM
-from kldwrm.distributed import communication_bytes, rank_seed
+from kldwrm.curvature.traffic import communication_bytes
+from kldwrm.distributed import rank_seed
 from kldwrm.optim.qe import QEKLDWRM
 
 GLOBAL_BATCH = 256
@@ -38,6 +39,9 @@ CASES = {
     "so": (SOKLDWRM, {}, False),
     "q": (QKLDWRM, {}, True),
     "qe": (QEKLDWRM, dict(window=3, inner_steps=3, inner_lr=0.05, inner_momentum=0.5), False),
+    # the released code's separate bias blocks (conv and linear)
+    "kfac-separate-bias": (KFAC, dict(bias="separate"), True),
+    "q-separate-bias": (QKLDWRM, dict(bias="separate"), False),
 }
 
 

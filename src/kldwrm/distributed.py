@@ -10,7 +10,11 @@ rank). See ``docs/distributed.md`` for launching with ``torchrun`` and for what 
 * :func:`rank_seed` and :func:`broadcast_generator_` keep the "mc" label sampling
   decorrelated between ranks but reproducible from one shared generator state;
 * :func:`init_from_env` starts the process group under ``torchrun`` (timeout and
-  start-up barrier included) and :func:`communication_bytes` tabulates the traffic.
+  start-up barrier included).
+
+What crosses the network per block is tabulated by
+:func:`kldwrm.curvature.traffic.communication_bytes`. This module knows nothing of the
+curvature (the curvature imports it, never the reverse).
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def world_size() -> int:
@@ -179,49 +182,3 @@ def shutdown() -> None:
     """Destroy the default process group if one is initialised."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class LayerTraffic:
-    """Bytes one rank contributes to the all-reduces for one curvature block.
-
-    ``step``: the gradient (every step, DDP); ``refresh``: the fresh statistics (refresh
-    steps only: ``A`` and ``Γ`` for a Kronecker block, the diagonal for others, plus one
-    weight per statistic); ``qe_inner``: QE's inner SKL gradient (per inner step).
-    """
-
-    name: str
-    kind: str
-    numel: int
-    step: int
-    refresh: int
-    qe_inner: int
-
-
-def communication_bytes(
-    model: nn.Module, dtype: torch.dtype | None = None
-) -> list[LayerTraffic]:
-    """Per-block payload of the all-reduces of data-parallel training of ``model``.
-
-    The payload is the size of the buffer each rank passes to ``all_reduce`` (what crosses
-    the network per rank is about ``2 (R-1)/R`` times that with a ring algorithm). ``dtype``
-    defaults to the parameters' dtype. The blocks are those the optimizers build with
-    ``curvature="kron"`` (Kronecker for ``nn.Linear``/``nn.Conv2d``, diagonal otherwise).
-    """
-    from .curvature import CurvatureEngine, KroneckerBlock
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine = CurvatureEngine(model, params, fisher="empirical", likelihood="categorical")
-    rows = []
-    for b in engine.blocks:
-        size = torch.empty((), dtype=dtype or b.params[0].dtype).element_size()
-        numel = b.numel()
-        if isinstance(b, KroneckerBlock):
-            m = b.module
-            d_in = m.weight[0].numel() + (1 if b.has_bias else 0)
-            d_out = m.weight.shape[0]
-            refresh = (d_in * d_in + d_out * d_out + 2) * size
-        else:
-            refresh = (numel + 1) * size
-        rows.append(LayerTraffic(b.name, b.kind, numel, numel * size, refresh, numel * size))
-    return rows

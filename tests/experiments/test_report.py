@@ -38,10 +38,12 @@ def runs_root(tmp_path: Path) -> Path:
         d.mkdir(parents=True)
         step = 20.0 if seed == "seed3" else STEP_MS[solver]
         with open(d / "metrics.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(METRIC_FIELDS)
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            w.writeheader()
             for epoch, acc, loss, wall in rows:
-                w.writerow([epoch, 0.5, 0.9, loss, acc, wall, step])
+                w.writerow(dict(epoch=epoch, train_loss=0.5, train_acc=0.9, test_loss=loss,
+                                test_acc=acc, raw_test_loss=2 * loss, raw_test_acc=acc - 0.01,
+                                wall_time_s=wall, mean_step_ms=step))
     return tmp_path
 
 
@@ -136,17 +138,28 @@ def test_write_report_files_and_text(runs_root):
     )
     assert "| K-FAC | 3/4 | 2.0 | 20.0 | 11.8 |" in text
     assert "sample SD (ddof=1)" in text and "seed3" in text
+    # the raw view (accuracy 1 point lower, loss doubled in the fixture), with the paper rows
+    normalised, raw = text.split("### Raw test inputs")
+    assert "paper" not in normalised.replace("Paper rows", "")
+    assert (
+        "| K-FAC | this run (epoch 3) | 3 | 0 | 0 | 0 | 0 | 0 | 97.18 | 0.28 | 0.500 | 0.100 |"
+        in raw
+    )
+    assert "| K-FAC | paper (epoch 50) |" in raw and "| K-FAC | 0/4 | — | — | 11.8 |" in raw
     assert (out / "mnist_table1.md").read_text().strip() == text.strip()
-    table = _read_csv(out / "mnist_table1.csv")
+    table = [r for r in _read_csv(out / "mnist_table1.csv") if r["view"] == "normalised"]
+    raw_rows = [r for r in _read_csv(out / "mnist_table1.csv") if r["view"] == "raw"]
+    assert float(raw_rows[0]["loss_mean"]) == pytest.approx(0.5)
     ours = {r["solver"]: r for r in table if r["source"] == "this run"}
     assert float(ours["kfac"]["acc_mean"]) == pytest.approx((98.00 + 98.05 + 98.50) / 3)
     assert float(ours["qe"]["loss_sd"]) == pytest.approx(0.1 / math.sqrt(2))
-    paper = {r["solver"]: r for r in table if r["source"] == "paper"}
+    paper = {r["solver"]: r for r in raw_rows if r["source"] == "paper"}
     for solver, vals in PAPER_TABLE1.items():
         if solver in paper:
             for k, v in vals.items():
                 assert float(paper[solver][k]) == pytest.approx(v)
-    times = {r["solver"]: r for r in _read_csv(out / "mnist_time_to_98.csv")}
+    times = {r["solver"]: r for r in _read_csv(out / "mnist_time_to_98.csv")
+             if r["view"] == "normalised"}
     assert float(times["kfac"]["median_seconds"]) == 20.0 and int(times["qe"]["reached"]) == 1
 
 

@@ -35,7 +35,8 @@ from kldwrm.experiments.train import (
 
 HAS_KFAC = hasattr(kldwrm, "make_optimizer") and "kfac" in getattr(kldwrm, "OPTIMIZERS", ())
 CURV = "kfac" if HAS_KFAC else "sgd"
-EXACT = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+EXACT = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "raw_test_loss",
+         "raw_test_acc")
 
 
 def _config(epochs: int, **kw) -> TrainConfig:
@@ -60,7 +61,8 @@ def _exact(rows):
 @pytest.fixture(scope="module")
 def small(mnist):
     """MNIST with the first 2,000 test images (keeps the per-epoch evaluation cheap)."""
-    return replace(mnist, x_test=mnist.x_test[:2000], y_test=mnist.y_test[:2000])
+    return replace(mnist, x_test=mnist.x_test[:2000], y_test=mnist.y_test[:2000],
+                   x_test_raw=mnist.x_test_raw[:2000])
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,24 @@ def test_metrics_file_and_values(uninterrupted):
     assert rows[1]["test_acc"] * 2000 == pytest.approx(round(rows[1]["test_acc"] * 2000))
 
 
+def test_both_test_views_are_evaluated_every_epoch(uninterrupted, small):
+    """``test_*`` on standardised inputs and ``raw_test_*`` on the raw pixels, recomputed
+    here from the saved model on each view."""
+    from kldwrm.experiments.models import build_model
+    from kldwrm.experiments.train import evaluate
+
+    state = torch.load(uninterrupted.out_dir / "checkpoint.pt", weights_only=True)
+    model = build_model("paper-cnn")
+    model.load_state_dict(state["model"])
+    last = read_metrics(uninterrupted.metrics_path)[-1]
+    assert torch.allclose(small.x_test, (small.x_test_raw - 0.1307) / 0.3081)
+    for x, prefix in ((small.x_test, "test"), (small.x_test_raw, "raw_test")):
+        loss, acc = evaluate(model, x, small.y_test)
+        assert last[f"{prefix}_loss"] == pytest.approx(loss, rel=1e-6)
+        assert last[f"{prefix}_acc"] == acc
+    assert last["raw_test_loss"] != last["test_loss"]
+
+
 def test_checkpoint_loads_with_weights_only(uninterrupted):
     state = torch.load(uninterrupted.out_dir / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["batch"] == 0
@@ -106,6 +126,21 @@ def test_checkpoint_loads_with_weights_only(uninterrupted):
         assert "kldwrm" in state["optimizer"]
     assert checkpoint_status(uninterrupted.out_dir, _config(2)) == "finished"
     assert checkpoint_status(uninterrupted.out_dir, _config(3)) == "partial"
+
+
+def test_an_archived_run_without_its_checkpoint_counts_as_finished(tmp_path, uninterrupted):
+    """A study kept in git has metrics.csv and config.json only (checkpoints are large)."""
+    import shutil
+
+    for name in ("metrics.csv", "config.json"):
+        shutil.copy(uninterrupted.out_dir / name, tmp_path / name)
+    assert checkpoint_status(tmp_path, _config(2)) == "finished"
+    assert checkpoint_status(tmp_path, _config(1)) == "finished"
+    assert checkpoint_status(tmp_path, _config(3)) == "missing"  # rerun from scratch
+    with pytest.raises(ConfigMismatchError, match="seed"):
+        checkpoint_status(tmp_path, _config(2, seed=8))
+    (tmp_path / "config.json").unlink()
+    assert checkpoint_status(tmp_path, _config(2)) == "missing"
 
 
 def test_resume_after_epoch_1_is_bit_exact(tmp_path, small, uninterrupted):
@@ -176,7 +211,8 @@ def test_regression_training(tmp_path):
 def test_solver_hyperparameters_follow_design():
     kfac = solver_hyperparameters("kfac")
     assert kfac == dict(
-        lr=0.01, rho=0.95, damping=1e-2, weight_decay=1e-3, kl_clip=0.1, update_freq=30, fisher="mc"
+        lr=0.01, rho=0.95, damping=1e-2, weight_decay=1e-3, kl_clip=0.1, update_freq=30,
+        fisher="mc", bias="homogeneous",
     )
     assert solver_hyperparameters("so")["rho"] == 0.33
     q = solver_hyperparameters("q")
@@ -194,7 +230,9 @@ def test_solver_hyperparameters_follow_design():
     specs = plan_runs(ReproduceOptions(out="o"))
     assert len(specs) == 40 and specs[0].out_dir == Path("o/mnist/kfac/seed0")
     assert all(s.config.batch_size == 512 and s.config.epochs == 50 for s in specs)
-    assert plan_runs(rel)[0].config.normalize_test is False
+    assert qr["bias"] == "separate" and qr["damping"] == pytest.approx(0.011)
+    kr = solver_hyperparameters("kfac", ReproduceOptions())
+    assert kr["bias"] == "homogeneous" and kr["damping"] == 0.01
 
 
 def test_reproduce_end_to_end_pool_skip_and_resume(tmp_path):
@@ -222,7 +260,10 @@ def test_reproduce_end_to_end_pool_skip_and_resume(tmp_path):
         assert (report_dir / name).stat().st_size > 0
     assert (report_dir / "mnist_figure1_test_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(report_dir / "mnist_table1.csv") as fh:
-        table = {(r["solver"], r["source"]): r for r in csv.DictReader(fh)}
+        rows = list(csv.DictReader(fh))
+    assert {r["view"] for r in rows} == {"normalised", "raw"}
+    table = {(r["solver"], r["source"]): r for r in rows if r["view"] == "normalised"}
+    raw = {(r["solver"], r["source"]): r for r in rows if r["view"] == "raw"}
     for solver in opts.solvers:
         run = tmp_path / "mnist" / solver / "seed0"
         last = read_metrics(run / "metrics.csv")[-1]
@@ -233,8 +274,11 @@ def test_reproduce_end_to_end_pool_skip_and_resume(tmp_path):
         assert int(row["n_acc_ge_98"]) == int(last["test_acc"] >= 0.98)
         assert row["acc_sd"] == "nan"  # one run: no sample SD
         assert f"{100 * last['test_acc']:.2f}" in res.report
-    if CURV == "kfac":
-        assert table[("kfac", "paper")]["acc_mean"] == "96.19"
+        assert float(raw[(solver, "this run")]["loss_mean"]) == pytest.approx(
+            last["raw_test_loss"], abs=1e-12)
+    if CURV == "kfac":  # the paper's rows sit beside the raw view, where they come from
+        assert raw[("kfac", "paper")]["acc_mean"] == "96.19"
+        assert ("kfac", "paper") not in table
 
     ckpts = sorted(tmp_path.glob("mnist/*/seed0/checkpoint.pt"))
     mtimes = [p.stat().st_mtime_ns for p in ckpts]

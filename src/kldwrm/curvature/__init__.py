@@ -3,13 +3,23 @@
 The step rules in :mod:`kldwrm.optim` use only :class:`CurvatureEngine`.
 """
 
-from .blocks import Block, DiagonalBlock, KroneckerBlock, kronecker_supported
+from .blocks import (
+    BIAS_MODES,
+    BiasBlock,
+    Block,
+    DiagonalBlock,
+    FactoredBlock,
+    KroneckerBlock,
+    kronecker_supported,
+)
 from .capture import FISHER_TYPES, LIKELIHOODS, Capture
 from .dense import DenseBlock
 from .engine import CURVATURES, DENSE_SCOPES, CurvatureEngine, unwrap
 from .linalg import CurvatureError, sym_eig
 
 __all__ = [
+    "BIAS_MODES",
+    "BiasBlock",
     "Block",
     "CURVATURES",
     "Capture",
@@ -18,6 +28,7 @@ __all__ = [
     "DENSE_SCOPES",
     "DenseBlock",
     "DiagonalBlock",
+    "FactoredBlock",
     "FISHER_TYPES",
     "KroneckerBlock",
     "LIKELIHOODS",

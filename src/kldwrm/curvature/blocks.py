@@ -15,6 +15,7 @@ Vectors are lists of tensors shaped like the block's parameters.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -22,10 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linalg import CurvatureError, conjugate_gradient, sym_eig
-
-#: relative residual that ``q_solve="exact"`` guarantees on refresh steps (DESIGN section 3)
-EXACT_SOLVE_RTOL = 1e-6
+from .kron import EXACT_SOLVE_RTOL, KroneckerFactors, ea_update
+from .linalg import CurvatureError
 
 
 class Block(ABC):
@@ -125,51 +124,138 @@ class Block(ABC):
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def statistics_numel(self) -> int:
+        """Numbers this block all-reduces on a refresh step: its fresh statistics, plus
+        one weight per statistic (:meth:`distributed_fresh`)."""
+        return self.numel() + 1
+
     def _check_ready(self) -> None:
         if not self.initialized:
             raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
 
 
-def _ea(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
-    """Eq. 12/13 update; the first estimate seeds the average (F̄_0 = F_0)."""
-    if old is None:
-        return new.clone()
-    return old.mul(rho).add_(new, alpha=1.0 - rho)
+#: how a layer's bias enters the curvature (DESIGN section 1)
+BIAS_MODES = ("homogeneous", "separate")
 
 
-class KroneckerBlock(Block):
-    """K-FAC block ``Ā ⊗ Γ̄`` of an ``nn.Linear`` or ``nn.Conv2d`` (KFC) layer.
+class FactoredBlock(Block):
+    """A block whose curvature is a Kronecker product ``Ā ⊗ Γ̄`` (:class:`KroneckerFactors`).
 
-    The weight (and bias, as a homogeneous coordinate ``ā = [a, 1]``) is viewed as the
-    matrix ``W`` of shape ``(out, in_features [+1])``; with column-major ``vec``,
-    ``(A ⊗ Γ) vec(V) = vec(Γ V A)``. Factors (eq. 11, DESIGN section 3)::
+    Subclasses say which tensors form the matrix ``V`` (:meth:`_to_mat`, :meth:`_from_mat`)
+    and how the fresh factors come from the captured statistics (:meth:`fresh`); solves,
+    products, the eigenbasis and persistence are shared.
+    """
 
-        A = (1/N) Σ_rows ā ā^T          (rows: examples, and spatial positions for conv)
-        Γ = (1/R) Σ_rows δ δ^T          (R rows of per-example output gradients δ)
+    def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], name: str) -> None:
+        super().__init__(params, name)
+        self.module = module
+        self.factors = KroneckerFactors(name)
+        #: dtype of the factors: at least float32, whatever the activations' dtype
+        self.dtype = torch.promote_types(module.weight.dtype, torch.float32)
+
+    # the factor pair, for tests and step rules that inspect it
+    A_bar = property(lambda self: self.factors.A_bar)
+    G_bar = property(lambda self: self.factors.G_bar)
+    A_fresh = property(lambda self: self.factors.A_fresh)
+    G_fresh = property(lambda self: self.factors.G_fresh)
+
+    @abstractmethod
+    def _to_mat(self, vecs: Sequence[Tensor]) -> Tensor:
+        """The block's tensors as the matrix ``V`` of the Kronecker algebra."""
+
+    @abstractmethod
+    def _from_mat(self, mat: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`_to_mat`."""
+
+    def _captured(self, capture) -> tuple[list[Tensor], list[Tensor]]:
+        inputs = capture.inputs.get(self.module, [])
+        deltas = capture.deltas.get(self.module, [])
+        if not inputs or not deltas:
+            raise RuntimeError(
+                f"no activations/gradients were captured for layer {self.name!r} on a curvature "
+                "refresh step: run a forward pass (with grad enabled) and loss.backward() "
+                "through this layer before optimizer.step()"
+            )
+        return inputs, deltas
+
+    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
+        self.factors.fold(fresh["A"], fresh["G"], rho)
+        self.initialized = True
+
+    def drop_fresh(self) -> None:
+        self.factors.drop_fresh()
+
+    def _factor_sizes(self) -> tuple[int, int]:
+        """``(in, out)``: the sizes of ``A`` and ``Γ``."""
+        raise NotImplementedError
+
+    def statistics_numel(self) -> int:
+        d_in, d_out = self._factor_sizes()
+        return d_in * d_in + d_out * d_out + 2
+
+    def _grid(self, ea_scale: float, damping: float) -> tuple[Tensor, list[Tensor]]:
+        """``e·dΓ dAᵀ + γ`` as a matrix and as parameter-shaped tensors (cached)."""
+        def make() -> tuple[Tensor, list[Tensor]]:
+            d = self.factors.eig_grid(ea_scale, damping)
+            return d, self._from_mat(d)
+
+        return self.factors.cached(("grid-tensors", float(ea_scale), float(damping)), make)
+
+    def to_eigenbasis(self, vecs):
+        self._check_ready()
+        return self._from_mat(self.factors.rotate(self._to_mat(vecs)))
+
+    def from_eigenbasis(self, coords):
+        self._check_ready()
+        return self._from_mat(self.factors.unrotate(self._to_mat(coords)))
+
+    def eigenvalues(self, ea_scale, damping):
+        self._check_ready()
+        return list(self._grid(ea_scale, damping)[1])
+
+    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
+        self._check_ready()
+        V = self._to_mat(vecs)
+        if fresh_scale == 0.0:  # exact in the eigenbasis (eq. 19)
+            f = self.factors
+            return self._from_mat(f.unrotate(f.rotate(V) / self._grid(ea_scale, damping)[0]))
+        out = self.factors.solve(V, damping, ea_scale, fresh_scale, method)
+        self.last_residual = self.factors.last_residual
+        return self._from_mat(out)
+
+    def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
+        return self._from_mat(self.factors.matvec(self._to_mat(vecs), damping, ea_scale,
+                                                  fresh_scale))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.factors.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.factors.load_state_dict(state, self.params[0].device)
+        self.initialized = self.factors.initialized
+
+
+class KroneckerBlock(FactoredBlock):
+    """K-FAC block ``Ā ⊗ Γ̄`` of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (KFC) layer.
+
+    The weight (and, with ``bias="homogeneous"``, the bias as a homogeneous coordinate
+    ``ā = [a, 1]``) is viewed as the matrix ``W`` of shape ``(out, in_features [+1])``.
+    Factors (eq. 11, DESIGN section 3)::
+
+        A = (1/N) Σ_rows ā āᵀ          (rows: examples, and spatial positions for conv)
+        Γ = (1/R) Σ_rows δ δᵀ          (R rows of per-example output gradients δ)
 
     so a 1x1 convolution on a 1x1 image gives exactly the Linear block, and for conv
-    ``A ⊗ Γ`` is KFC's ``Ω ⊗ Γ`` (Grosse and Martens, 2016).
+    ``A ⊗ Γ`` is KFC's ``Ω ⊗ Γ`` (Grosse and Martens, 2016). With ``bias="separate"`` the
+    bias is left to a :class:`BiasBlock` and this block covers the weight alone.
     """
 
     kind = "kronecker"
 
-    def __init__(self, module: nn.Module, name: str) -> None:
-        params = [module.weight] + ([module.bias] if module.bias is not None else [])
-        super().__init__(params, name)
-        self.module = module
-        self.has_bias = module.bias is not None
-        self.A_bar: Tensor | None = None
-        self.G_bar: Tensor | None = None
-        self.A_fresh: Tensor | None = None
-        self.G_fresh: Tensor | None = None
-        self.evals_A: Tensor | None = None
-        self.evecs_A: Tensor | None = None
-        self.evals_G: Tensor | None = None
-        self.evecs_G: Tensor | None = None
-        # cache for the "augmented" Q solve of the current refresh step
-        self._aug: tuple[float, Tensor, Tensor, Tensor, Tensor] | None = None
-        # e·dΓ dAᵀ + γ for the last few (e, γ), valid until the next decomposition
-        self._diag_cache: dict[tuple[float, float], tuple[Tensor, list[Tensor]]] = {}
+    def __init__(self, module: nn.Module, name: str, *, bias: str = "homogeneous") -> None:
+        self.has_bias = module.bias is not None and bias == "homogeneous"
+        params = [module.weight] + ([module.bias] if self.has_bias else [])
+        super().__init__(module, params, name)
 
     # -- statistics -------------------------------------------------------------------
     def _columns(self, x: Tensor) -> Tensor:
@@ -180,15 +266,15 @@ class KroneckerBlock(Block):
         of ``kw`` numbers (5-7x faster for narrow convolutions), and the Gram product
         ``X Xᵀ`` has its long dimension inside, where matmul is fastest.
         """
-        if isinstance(self.module, nn.Conv2d):
-            patches = _conv_patches(x, self.module)  # view (N, oh, ow, C, kh, kw)
-            k = patches.shape[3] * patches.shape[4] * patches.shape[5]
-            return patches.permute(3, 4, 5, 0, 1, 2).reshape(k, -1)
+        x = x.to(self.dtype)
+        if isinstance(self.module, _ConvNd):
+            return _conv_columns(x, self.module)
         return x.reshape(-1, x.shape[-1]).T
 
     def _delta_columns(self, delta: Tensor) -> Tensor:
         """Output gradients → ``Δᵀ`` of shape ``(out_channels, rows)``."""
-        if isinstance(self.module, nn.Conv2d):
+        delta = delta.to(self.dtype)
+        if isinstance(self.module, _ConvNd):
             return delta.transpose(0, 1).reshape(delta.shape[1], -1)
         return delta.reshape(-1, delta.shape[-1]).T
 
@@ -217,42 +303,24 @@ class KroneckerBlock(Block):
         return A.div_(n)
 
     def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
-        inputs = capture.inputs.get(self.module, [])
-        deltas = capture.deltas.get(self.module, [])
-        if not inputs or not deltas:
-            raise RuntimeError(
-                f"no activations/gradients were captured for layer {self.name!r} on a curvature "
-                "refresh step: run a forward pass (with grad enabled) and loss.backward() "
-                "through this layer before optimizer.step()"
-            )
-        A = self._input_factor(inputs)
+        inputs, deltas = self._captured(capture)
         dcols = [self._delta_columns(d) for d in deltas]
         G = sum(c @ c.T for c in dcols) / sum(c.shape[1] for c in dcols)
-        return {"A": A, "G": G}
+        return {"A": self._input_factor(inputs), "G": G}
 
     def distributed_fresh(self, capture, grads):
         """``A`` weighted by this rank's examples, ``Γ`` by its rows of ``δ``."""
         est = self.fresh(capture, grads)
         n = sum(x.shape[0] for x in capture.inputs[self.module])
-        channel = 1 if isinstance(self.module, nn.Conv2d) else -1  # as in _delta_columns
+        channel = 1 if isinstance(self.module, _ConvNd) else -1  # as in _delta_columns
         rows = sum(d.numel() // d.shape[channel] for d in capture.deltas[self.module])
         return est, {"A": float(n), "G": float(rows)}
 
-    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
-        self.A_fresh, self.G_fresh = fresh["A"], fresh["G"]
-        self.A_bar = _ea(self.A_bar, fresh["A"], rho)
-        self.G_bar = _ea(self.G_bar, fresh["G"], rho)
-        self.initialized = True
-        self.evals_A, self.evecs_A = sym_eig(self.A_bar, f"A of {self.name}")
-        self.evals_G, self.evecs_G = sym_eig(self.G_bar, f"Gamma of {self.name}")
-        self._aug = None
-        self._diag_cache = {}
-
-    def drop_fresh(self) -> None:
-        self.A_fresh = self.G_fresh = None
-        self._aug = None
-
     # -- vector layout ----------------------------------------------------------------
+    def _factor_sizes(self) -> tuple[int, int]:
+        w = self.module.weight
+        return w[0].numel() + int(self.has_bias), w.shape[0]
+
     def _to_mat(self, vecs: Sequence[Tensor]) -> Tensor:
         w = vecs[0].reshape(vecs[0].shape[0], -1)
         if self.has_bias:
@@ -265,119 +333,50 @@ class KroneckerBlock(Block):
             return [mat[:, :-1].reshape(w.shape), mat[:, -1].contiguous()]
         return [mat.reshape(w.shape)]
 
-    # -- solves -----------------------------------------------------------------------
-    def _eig_diag(self, ea_scale: float, damping: float) -> Tensor:
-        """``e·dΓ dAᵀ + γ``: the eigenvalues of ``e Ā⊗Γ̄ + γI`` (cached per decomposition)."""
-        return self._eig_diag_entry(ea_scale, damping)[0]
 
-    def _eig_diag_entry(self, ea_scale: float, damping: float) -> tuple[Tensor, list[Tensor]]:
-        key = (float(ea_scale), float(damping))
-        entry = self._diag_cache.get(key)
-        if entry is None:
-            if len(self._diag_cache) >= 4:  # a schedule changing e every step: keep it small
-                self._diag_cache.clear()
-            d = torch.outer(self.evals_G, self.evals_A).mul_(ea_scale).add_(damping)
-            entry = self._diag_cache[key] = (d, self._from_mat(d))
-        return entry
+class BiasBlock(FactoredBlock):
+    """The released code's own block for a layer's bias (``bias="separate"``).
 
-    def _rotate(self, V: Tensor) -> Tensor:
-        """``QΓᵀ V QA``: a weight-shaped matrix in the eigenbasis of ``Ā⊗Γ̄``."""
-        return self.evecs_G.T @ V @ self.evecs_A
+    ``A = [1]`` and ``Γ = (1/N) Σ_n s_n s_nᵀ``, where ``s_n`` is example ``n``'s output
+    gradient summed over the positions that share the bias (the spatial positions of a
+    convolution, the non-batch leading dimensions of a linear layer's input), i.e. the
+    per-example gradient of the bias itself: so this block is the exact (MC or empirical)
+    Fisher block of the bias, with no Kronecker approximation. The released code built it
+    with an ``AddBias`` module (A from a column of ones, Γ from the output gradient summed
+    over spatial positions before the outer product).
+    """
 
-    def _unrotate(self, X: Tensor) -> Tensor:
-        """``QΓ X QAᵀ``, the inverse of :meth:`_rotate`."""
-        return self.evecs_G @ X @ self.evecs_A.T
+    kind = "kronecker-bias"
 
-    def to_eigenbasis(self, vecs):
-        self._check_ready()
-        return self._from_mat(self._rotate(self._to_mat(vecs)))
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__(module, [module.bias], name)
 
-    def from_eigenbasis(self, coords):
-        self._check_ready()
-        return self._from_mat(self._unrotate(self._to_mat(coords)))
+    def _example_sums(self, delta: Tensor) -> Tensor:
+        """``s_n`` for every example, shape ``(N, out)``."""
+        delta = delta.to(self.dtype)
+        if isinstance(self.module, _ConvNd):
+            return delta.reshape(delta.shape[0], delta.shape[1], -1).sum(-1)
+        return delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
 
-    def eigenvalues(self, ea_scale, damping):
-        self._check_ready()
-        return list(self._eig_diag_entry(ea_scale, damping)[1])
+    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
+        _, deltas = self._captured(capture)
+        sums = [self._example_sums(d) for d in deltas]
+        G = sum(s.T @ s for s in sums) / sum(s.shape[0] for s in sums)
+        return {"A": torch.ones(1, 1, dtype=G.dtype, device=G.device), "G": G}
 
-    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
-        self._check_ready()
-        V = self._to_mat(vecs)
-        if fresh_scale == 0.0:
-            # exact in the eigenbasis: (e Ā⊗Γ̄ + γI)^{-1} = (QA⊗QG) (e dA⊗dG + γ)^{-1} (QA⊗QG)^T
-            D = self._eig_diag(ea_scale, damping)
-            return self._from_mat(self._unrotate(self._rotate(V) / D))
-        if self.A_fresh is None:
-            raise RuntimeError(f"fresh factors of {self.name!r} are only kept on refresh steps")
-        if method == "augmented":
-            return self._from_mat(self._solve_augmented(V, damping, ea_scale, fresh_scale))
-        return self._from_mat(self._solve_cg(V, damping, ea_scale, fresh_scale))
+    def distributed_fresh(self, capture, grads):
+        est = self.fresh(capture, grads)
+        n = float(sum(d.shape[0] for d in capture.deltas[self.module]))
+        return est, {"A": n, "G": n}
 
-    def _solve_augmented(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
-        """The released code's ``(eĀ + fA) ⊗ (Γ̄ + fΓ) + γI`` (not the exact Kronecker sum)."""
-        if self._aug is None or self._aug[0] != f:
-            dA, QA = sym_eig(e * self.A_bar + f * self.A_fresh, f"augmented A of {self.name}")
-            dG, QG = sym_eig(self.G_bar + f * self.G_fresh, f"augmented Gamma of {self.name}")
-            self._aug = (f, dA, QA, dG, QG)
-        _, dA, QA, dG, QG = self._aug
-        Vt = QG.T @ V @ QA
-        return QG @ (Vt / (torch.outer(dG, dA) + damping)) @ QA.T
+    def _factor_sizes(self) -> tuple[int, int]:
+        return 1, self.params[0].numel()
 
-    def _solve_cg(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
-        """Exact solve of ``e Ā⊗Γ̄ + f A⊗Γ + γI`` by CG in the eigenbasis of ``Ā, Γ̄``.
+    def _to_mat(self, vecs: Sequence[Tensor]) -> Tensor:
+        return vecs[0].unsqueeze(1)
 
-        In that basis the first term is diagonal, ``A⊗Γ`` becomes ``Â⊗Γ̂`` with
-        ``Â = QAᵀ A QA``; the Jacobi preconditioner uses the exact diagonal
-        ``e·dΓ dAᵀ + f·diag(Γ̂) diag(Â)ᵀ + γ``. Runs in float64 so that the residual bound
-        of DESIGN section 3 (1e-6) is reachable from float32 factors.
-        """
-        dt = V.dtype
-        QA, QG = self.evecs_A.double(), self.evecs_G.double()
-        Ah = QA.T @ self.A_fresh.double() @ QA
-        Gh = QG.T @ self.G_fresh.double() @ QG
-        D = torch.outer(self.evals_G.double(), self.evals_A.double()) * e + damping
-        # the right-hand side and the way back need only the input's precision (the result is
-        # returned in it): the operator, where the 1e-6 residual is certified, is float64
-        Vt = self._rotate(V).double()
-
-        def op(X: Tensor) -> Tensor:
-            return D * X + f * (Gh @ X @ Ah)
-
-        precond = 1.0 / (D + f * torch.outer(torch.diagonal(Gh), torch.diagonal(Ah)))
-        X, rel, _ = conjugate_gradient(op, Vt, precond, rtol=EXACT_SOLVE_RTOL * 0.5)
-        self.last_residual = rel
-        if rel > EXACT_SOLVE_RTOL:
-            raise CurvatureError(
-                f"q_solve='exact' did not reach relative residual {EXACT_SOLVE_RTOL:g} for "
-                f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
-            )
-        return self._unrotate(X.to(dt))
-
-    def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
-        V = self._to_mat(vecs)
-        if ea_scale == 0.0:  # fresh term only (QE's B_k on refresh steps)
-            out = V * damping
-        else:
-            # straight from the factors, (Ā⊗Γ̄) vec(V) = vec(Γ̄ V Ā): two products, half of
-            # the round trip through the eigenbasis
-            out = torch.addmm(V, self.G_bar @ V, self.A_bar, beta=damping, alpha=ea_scale)
-        if fresh_scale != 0.0:
-            out = out + fresh_scale * (self.G_fresh @ V @ self.A_fresh)
-        return self._from_mat(out)
-
-    # -- persistence --------------------------------------------------------------------
-    _KEYS = ("A_bar", "G_bar", "evals_A", "evecs_A", "evals_G", "evecs_G")
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k) for k in self._KEYS if getattr(self, k) is not None}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k in self._KEYS:
-            ref = self.params[0]
-            setattr(self, k, state[k].to(ref.device) if k in state else None)
-        self.initialized = self.A_bar is not None
-        self._diag_cache = {}
-        self.drop_fresh()
+    def _from_mat(self, mat: Tensor) -> list[Tensor]:
+        return [mat[:, 0].contiguous()]
 
 
 class DiagonalBlock(Block):
@@ -433,7 +432,7 @@ class DiagonalBlock(Block):
 
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.F_fresh = fresh["F"]
-        self.F_bar = _ea(self.F_bar, fresh["F"], rho)
+        self.F_bar = ea_update(self.F_bar, fresh["F"], rho)
         self.initialized = True
 
     def drop_fresh(self) -> None:
@@ -474,36 +473,53 @@ class DiagonalBlock(Block):
         self.F_fresh = None
 
 
-def _conv_patches(x: Tensor, m: nn.Conv2d) -> Tensor:
-    """Receptive fields of ``m`` as a view ``(N, oh, ow, C, kh, kw)`` of the padded input.
+_ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    Column order ``(C, kh, kw)`` is ``F.unfold``'s (and the weight's); rows ``(N, oh, ow)``
-    are its positions in the same order. Only the padding (if any) copies the input.
+
+def _conv_columns(x: Tensor, m: nn.Module) -> Tensor:
+    """Receptive fields of the convolution ``m`` as ``Xᵀ``, shape ``(C·Πk, N·Πo)``.
+
+    Row order ``(C, k_1, ..., k_d)`` is ``F.unfold``'s (and the flattened weight's); columns
+    ``(N, o_1, ..., o_d)`` are the output positions in order. The padding is the module's
+    own (any ``padding_mode``, numeric or string padding), so the patches are exactly what
+    the convolution saw; only the padding and the final reshape copy the input.
     """
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    v = x.unfold(2, (kh - 1) * dh + 1, sh)[..., ::dh]  # (N, C, oh, W, kh)
-    v = v.unfold(3, (kw - 1) * dw + 1, sw)[..., ::dw]  # (N, C, oh, ow, kh, kw)
-    return v.permute(0, 2, 3, 1, 4, 5)
+    d = x.dim() - 2
+    pad = m._reversed_padding_repeated_twice  # what nn.ConvNd itself uses
+    if any(pad):
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    v = x
+    for i in range(d):
+        k, s, dil = m.kernel_size[i], m.stride[i], m.dilation[i]
+        v = v.unfold(2 + i, (k - 1) * dil + 1, s)  # the window goes to the last dimension
+        if dil > 1:
+            v = v[..., ::dil]
+    # v: (N, C, o_1..o_d, k_1..k_d) → (C, k_1..k_d, N, o_1..o_d)
+    perm = [1, *range(2 + d, 2 + 2 * d), 0, *range(2, 2 + d)]
+    rows = v.shape[1] * math.prod(m.kernel_size)
+    return v.permute(perm).reshape(rows, -1)
 
 
 def kronecker_supported(module: nn.Module) -> bool:
-    """Whether a module gets a Kronecker block (else its tensors get diagonal blocks)."""
+    """Whether a module gets a Kronecker block (else its tensors get diagonal blocks).
+
+    ``nn.Linear`` (inputs with any number of leading dimensions) and ``nn.Conv1d/2d/3d``
+    with ``groups == 1`` (any kernel, stride, dilation, padding and padding mode).
+    """
     if isinstance(module, nn.Linear):
         return True
-    if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(
-            module.padding, str
-        )
-    return False
+    return isinstance(module, _ConvNd) and module.groups == 1
 
 
 __all__ = [
+    "BIAS_MODES",
+    "BiasBlock",
     "Block",
     "CurvatureError",
     "DiagonalBlock",
     "EXACT_SOLVE_RTOL",
+    "FactoredBlock",
     "KroneckerBlock",
     "kronecker_supported",
 ]

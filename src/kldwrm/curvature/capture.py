@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import rank, rank_seed, world_size
+
 FISHER_TYPES = ("mc", "empirical", "exact")
 
 
@@ -145,8 +147,6 @@ class Capture:
         gen = self.generator
         if gen is None:
             return None
-        from ..distributed import rank, rank_seed, world_size
-
         if world_size() == 1:
             return gen
         if self._rank_generator is None:

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from .blocks import Block, _ea
+from .blocks import Block
 from .capture import Capture
+from .kron import ea_update
 from .linalg import sym_eig
 
 
@@ -48,7 +49,7 @@ class DenseBlock(Block):
 
     def fold(self, fresh, rho):
         self.F_fresh = fresh["F"]
-        self.F_bar = _ea(self.F_bar, fresh["F"], rho)
+        self.F_bar = ea_update(self.F_bar, fresh["F"], rho)
         self.evals, self.evecs = sym_eig(self.F_bar, f"dense Fisher of {self.name}")
         self.initialized = True
 

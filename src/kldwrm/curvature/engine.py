@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_weighted_, is_distributed
-from .blocks import Block, DiagonalBlock, KroneckerBlock, kronecker_supported
+from .blocks import (
+    BiasBlock,
+    Block,
+    DiagonalBlock,
+    FactoredBlock,
+    KroneckerBlock,
+    kronecker_supported,
+)
 from .capture import Capture
 from .dense import DenseBlock, dense_fishers
 
@@ -34,6 +41,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _dense_groups(
+    module: nn.Module, params: list[nn.Parameter], name: str, bias: str
+) -> list[tuple[list[nn.Parameter], str]]:
+    """A module's dense blocks for ``dense_scope="layer"``: one, or with ``bias="separate"``
+    the bias on its own (the exact counterpart of the released code's block structure)."""
+    b = getattr(module, "bias", None)
+    if bias != "separate" or not isinstance(b, nn.Parameter) or all(p is not b for p in params):
+        return [(params, name)] if params else []
+    rest = [p for p in params if p is not b]
+    return ([(rest, name)] if rest else []) + [([b], f"{name}.bias")]
+
+
 class CurvatureEngine:
     """Block-diagonal curvature over ``params`` (a flat, ordered list of tensors)."""
 
@@ -46,6 +65,7 @@ class CurvatureEngine:
         likelihood: str,
         curvature: str = "kron",
         dense_scope: str = "model",
+        bias: str = "homogeneous",
         generator: torch.Generator | None = None,
     ) -> None:
         self.root = model
@@ -71,23 +91,26 @@ class CurvatureEngine:
             else:
                 for mname, m in self.model.named_modules():
                     ps = [p for p in m.parameters(recurse=False) if id(p) in index]
-                    if ps:
-                        self.blocks.append(DenseBlock(ps, mname or "model"))
-                        covered.update(id(p) for p in ps)
+                    for group, gname in _dense_groups(m, ps, mname or "model", bias):
+                        self.blocks.append(DenseBlock(group, gname))
+                        covered.update(id(p) for p in group)
         else:
             for mname, m in self.model.named_modules():
                 if not kronecker_supported(m):
                     continue
                 own = [m.weight] + ([m.bias] if m.bias is not None else [])
                 if all(id(p) in index for p in own):
-                    self.blocks.append(KroneckerBlock(m, mname))
+                    self.blocks.append(KroneckerBlock(m, mname, bias=bias))
+                    if m.bias is not None and bias == "separate":
+                        self.blocks.append(BiasBlock(m, f"{mname}.bias"))
                     covered.update(id(p) for p in own)
         for p in self.params:
             if id(p) not in covered:
                 self.blocks.append(DiagonalBlock(p, names[id(p)]))
         # positions of each block's tensors in the flat parameter list
         self.slots: list[list[int]] = [[index[id(p)] for p in b.params] for b in self.blocks]
-        kron = [b.module for b in self.blocks if isinstance(b, KroneckerBlock)]
+        kron = list({id(b.module): b.module for b in self.blocks
+                     if isinstance(b, FactoredBlock)}.values())
         diag = [b.params[0] for b in self.blocks if isinstance(b, DiagonalBlock)]
         self.capture = Capture(
             self.root,

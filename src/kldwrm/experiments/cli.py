@@ -99,6 +99,11 @@ def _add_hyperparameters(p: argparse.ArgumentParser) -> None:
         help="per-tensor RMS clip (Q, QE; 'none' off)",
     )
     g.add_argument("--q-solve", choices=("exact", "augmented"), help="Q/QE refresh solve")
+    g.add_argument(
+        "--bias",
+        choices=("homogeneous", "separate"),
+        help="bias as an input coordinate of its layer's block, or its own block",
+    )
     g.add_argument("--window", type=int, help="QE: stored iterates N_CAP")
     g.add_argument("--inner-steps", type=int, help="QE: inner SGD steps N_IS")
     g.add_argument("--inner-lr", type=float, help="QE: inner SGD learning rate (the paper's ω/λ)")
@@ -124,6 +129,7 @@ _HP_NAMES = (
     "likelihood",
     "block_clip",
     "q_solve",
+    "bias",
     "window",
     "inner_steps",
     "inner_lr",
@@ -170,11 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         "global batch, split evenly over the ranks",
     )
     p.add_argument("--no-normalize", action="store_true", help="do not standardise inputs")
-    p.add_argument(
-        "--unnormalized-test",
-        action="store_true",
-        help="standardise training inputs only (released-code quirk)",
-    )
 
     p = sub.add_parser("compare", help="short comparison of all optimizers (about 5 min)")
     _add_common(p)
@@ -202,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--empirical-fisher", action="store_true", help="fisher='empirical'")
     q.add_argument("--augmented-q-solve", action="store_true", help="q_solve='augmented'")
     q.add_argument(
-        "--unnormalized-test", action="store_true", help="normalise training inputs only"
+        "--separate-bias", action="store_true", help="bias='separate': the bias's own blocks"
+    )
+    q.add_argument(
+        "--damping-plus-wd", action="store_true", help="damp with damping + weight decay"
     )
     q.add_argument(
         "--kl-train-mode",
@@ -232,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the paper's values (default: for mnist)",
     )
     p.add_argument("--no-paper", dest="paper", action="store_false")
+    p.add_argument(
+        "--epoch",
+        type=int,
+        default=None,
+        help="take the tables at this epoch (default: the last epoch any run reached)",
+    )
     return parser
 
 
@@ -347,7 +357,6 @@ def _train_one(args: argparse.Namespace, quiet: bool = False) -> int:
         subset=args.subset,
         data_dir=args.data_dir,
         normalize=not args.no_normalize,
-        normalize_test=not (args.no_normalize or args.unnormalized_test),
     )
     if (out / CHECKPOINT_NAME).is_file() and not args.resume and not quiet:
         print(
@@ -513,8 +522,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         options = replace(options, fisher="empirical")
     if args.augmented_q_solve:
         options = replace(options, q_solve="augmented")
-    if args.unnormalized_test:
-        options = replace(options, normalize_test=False)
+    if args.separate_bias:
+        options = replace(options, bias="separate")
+    if args.damping_plus_wd:
+        options = replace(options, damping_plus_wd=True)
     if args.kl_train_mode:
         options = replace(options, kl_train_mode=True)
     if args.released_qe_settings:
@@ -527,7 +538,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    print(write_report(args.dir, args.out, paper=args.paper))
+    print(write_report(args.dir, args.out, paper=args.paper, epoch=args.epoch))
     return 0
 
 

@@ -6,6 +6,10 @@ For each data set the table uses the test metrics after the last epoch ``E`` tha
 its runs reached; runs that stopped earlier are listed as incomplete and left out. SDs are
 sample standard deviations (``ddof=1``), as for the paper's 10 runs. Accuracies are shown
 in percent.
+
+Every table and figure comes in two views of the test set (:data:`VIEWS`): inputs
+standardised like the training inputs, and the raw inputs the released notebooks evaluated
+on. The paper's rows sit beside the raw view, the evaluation its numbers come from.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +28,7 @@ from .train import METRICS_NAME, read_metrics
 
 __all__ = [
     "PAPER_TABLE1",
+    "VIEWS",
     "SolverSummary",
     "TimeTo98",
     "collect_runs",
@@ -92,8 +98,18 @@ COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("n_loss_le_0_25", "N loss≤0.25"),
     ("n_loss_le_0_2", "N loss≤0.2"),
 )
+#: test-set views: metric-name prefix in ``metrics.csv`` → what the view is
+VIEWS: dict[str, str] = {
+    "test": "test inputs standardised like the training inputs",
+    "raw_test": "raw test inputs (the released notebooks' evaluation)",
+}
+#: short view names used in file contents
+VIEW_LABEL = {"test": "normalised", "raw_test": "raw"}
+PAPER_VIEW = "raw_test"
+
 CSV_COLUMNS = (
     "dataset",
+    "view",
     "solver",
     "source",
     "runs",
@@ -156,8 +172,22 @@ def _row_at(rows: Sequence[Mapping[str, float]], epoch: int) -> Mapping[str, flo
     return None
 
 
-def summarize(solvers: Mapping[str, Runs], epoch: int | None = None) -> list[SolverSummary]:
-    """Table 1 statistics of each solver at ``epoch`` (default: the last epoch any run reached)."""
+def _metric(row: Mapping[str, float], view: str, what: str) -> float:
+    """``row[f"{view}_{what}"]``; NaN when the file has no such column."""
+    return float(row.get(f"{view}_{what}", math.nan))
+
+
+def available_views(solvers: Mapping[str, Runs]) -> list[str]:
+    """The views with a finite test loss in at least one row."""
+    rows = [r for runs in solvers.values() for rs in runs.values() for r in rs]
+    return [v for v in VIEWS if any(math.isfinite(_metric(r, v, "loss")) for r in rows)]
+
+
+def summarize(
+    solvers: Mapping[str, Runs], epoch: int | None = None, view: str = "test"
+) -> list[SolverSummary]:
+    """Table 1 statistics of each solver at ``epoch`` (default: the last epoch any run
+    reached), on the test-set ``view`` (a key of :data:`VIEWS`)."""
     if epoch is None:
         epoch = max(
             int(r["epoch"]) for runs in solvers.values() for rows in runs.values() for r in rows
@@ -170,8 +200,8 @@ def summarize(solvers: Mapping[str, Runs], epoch: int | None = None) -> list[Sol
             if row is None:
                 incomplete.append(seed)
                 continue
-            accs.append(float(row["test_acc"]))
-            losses.append(float(row["test_loss"]))
+            accs.append(_metric(row, view, "acc"))
+            losses.append(_metric(row, view, "loss"))
         a, l = np.asarray(accs, dtype=float), np.asarray(losses, dtype=float)
         counts = {
             "n_acc_ge_98": int(np.sum(a >= 0.98 - _EPS)),
@@ -209,15 +239,18 @@ class TimeTo98:
     mean_step_ms: float
 
 
-def time_to_98(solvers: Mapping[str, Runs], threshold: float = 0.98) -> list[TimeTo98]:
-    """Per solver: how many runs reached ``threshold`` test accuracy, and how fast."""
+def time_to_98(
+    solvers: Mapping[str, Runs], threshold: float = 0.98, view: str = "test"
+) -> list[TimeTo98]:
+    """Per solver: how many runs reached ``threshold`` test accuracy (on ``view``), and how
+    fast."""
     out = []
     for solver, runs in solvers.items():
         epochs, seconds, steps = [], [], []
         for rows in runs.values():
             steps += [float(r["mean_step_ms"]) for r in rows]
             for r in rows:
-                if float(r["test_acc"]) >= threshold - _EPS:
+                if _metric(r, view, "acc") >= threshold - _EPS:
                     epochs.append(int(r["epoch"]))
                     seconds.append(float(r["wall_time_s"]))
                     break
@@ -242,7 +275,8 @@ def mean_sd_curve(runs: Runs, key: str, scale: float = 1.0) -> tuple[np.ndarray,
     max_epoch = max(int(r["epoch"]) for rows in runs.values() for r in rows)
     ep, mean, sd = [], [], []
     for e in range(1, max_epoch + 1):
-        vals = [scale * float(r[key]) for rows in runs.values() if (r := _row_at(rows, e))]
+        vals = [scale * float(r.get(key, math.nan)) for rows in runs.values()
+                if (r := _row_at(rows, e))]
         if not vals:
             continue
         ep.append(e)
@@ -252,38 +286,25 @@ def mean_sd_curve(runs: Runs, key: str, scale: float = 1.0) -> tuple[np.ndarray,
 
 
 def make_figures(solvers: Mapping[str, Runs], out_dir: Path, prefix: str) -> list[Path]:
-    """Figures 1 (test loss) and 2 (test accuracy): mean ± SD band per solver, PNG."""
+    """Figures 1 (test loss) and 2 (test accuracy): mean ± SD band per solver, one panel per
+    test-set view, PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
+    views = available_views(solvers) or ["test"]
     paths = []
     specs = (
-        ("test_loss", 1.0, "test loss", f"{prefix}figure1_test_loss.png", "Figure 1"),
-        ("test_acc", 100.0, "test accuracy (%)", f"{prefix}figure2_test_accuracy.png", "Figure 2"),
+        ("loss", 1.0, "test loss", f"{prefix}figure1_test_loss.png", "Figure 1"),
+        ("acc", 100.0, "test accuracy (%)", f"{prefix}figure2_test_accuracy.png", "Figure 2"),
     )
-    for key, scale, ylabel, fname, title in specs:
-        fig = Figure(figsize=(6.4, 4.4), dpi=110)
+    for what, scale, ylabel, fname, title in specs:
+        fig = Figure(figsize=(6.4 * len(views), 4.4), dpi=110)
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        for solver, runs in solvers.items():
-            ep, mean, sd = mean_sd_curve(runs, key, scale)
-            label = f"{DISPLAY.get(solver, solver)} (n={len(runs)})"
-            (line,) = ax.plot(ep, mean, marker="o" if len(ep) < 12 else None, ms=3, label=label)
-            ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}: {ylabel}, mean ± SD over seeds")
-        if key == "test_acc":
-            lo = min(
-                (float(np.min(mean_sd_curve(r, key, scale)[1])) for r in solvers.values()),
-                default=90.0,
-            )
-            ax.set_ylim(max(lo - 1.0, 90.0 if lo > 91 else 0.0), 100.0)
-            ax.axhline(98.0, color="grey", lw=0.8, ls="--")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        for i, view in enumerate(views):
+            ax = fig.add_subplot(1, len(views), i + 1)
+            _plot_panel(ax, solvers, f"{view}_{what}", scale, ylabel)
+            ax.set_title(f"{title}: {VIEW_LABEL[view]} test inputs, mean ± SD over seeds",
+                         fontsize=10)
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path)
@@ -291,95 +312,90 @@ def make_figures(solvers: Mapping[str, Runs], out_dir: Path, prefix: str) -> lis
     return paths
 
 
+def _plot_panel(ax: Any, solvers: Mapping[str, Runs], key: str, scale: float,
+                ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    lows = []
+    for solver, runs in solvers.items():
+        ep, mean, sd = mean_sd_curve(runs, key, scale)
+        label = f"{DISPLAY.get(solver, solver)} (n={len(runs)})"
+        (line,) = ax.plot(ep, mean, marker="o" if len(ep) < 12 else None, ms=3, label=label)
+        ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+        if len(mean) and np.isfinite(mean).any():
+            lows.append(float(np.nanmin(mean)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if key.endswith("_acc"):
+        lo = min(lows, default=90.0)
+        ax.set_ylim(max(lo - 1.0, 90.0 if lo > 91 else 0.0), 100.0)
+        ax.axhline(98.0, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def _fmt(x: float, digits: int) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _table_markdown(dataset: str, summaries: Sequence[SolverSummary], with_paper: bool) -> str:
-    head = [
-        "Solver",
-        "Source",
-        "Runs",
-        *(h for _, h in COUNT_COLUMNS),
-        "μ acc (%)",
-        "σ acc (%)",
-        "μ loss",
-        "σ loss",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table_markdown(summaries: Sequence[SolverSummary], with_paper: bool) -> str:
+    head = ["Solver", "Source", "Runs", *(h for _, h in COUNT_COLUMNS),
+            "μ acc (%)", "σ acc (%)", "μ loss", "σ loss"]
+    lines = [_md_row(head), "|" + "---|" * len(head)]
     for s in summaries:
         name = DISPLAY.get(s.solver, s.solver)
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    f"this run (epoch {s.epoch})",
-                    str(s.runs),
-                    *(str(s.counts[k]) for k, _ in COUNT_COLUMNS),
-                    _fmt(s.acc_mean, 2),
-                    _fmt(s.acc_sd, 2),
-                    _fmt(s.loss_mean, 3),
-                    _fmt(s.loss_sd, 3),
-                ]
-            )
-            + " |"
-        )
+        lines.append(_md_row([
+            name, f"this run (epoch {s.epoch})", str(s.runs),
+            *(str(s.counts[k]) for k, _ in COUNT_COLUMNS),
+            _fmt(s.acc_mean, 2), _fmt(s.acc_sd, 2), _fmt(s.loss_mean, 3), _fmt(s.loss_sd, 3),
+        ]))
         if with_paper and s.solver in PAPER_TABLE1:
             p = PAPER_TABLE1[s.solver]
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        name,
-                        f"paper (epoch {PAPER_EPOCH})",
-                        str(PAPER_RUNS),
-                        *(str(int(p[k])) for k, _ in COUNT_COLUMNS),
-                        f"{p['acc_mean']:.2f}",
-                        f"{p['acc_sd']:.2f}",
-                        f"{p['loss_mean']:.2f}",
-                        f"{p['loss_sd']:.2f}",
-                    ]
-                )
-                + " |"
-            )
+            lines.append(_md_row([
+                name, f"paper (epoch {PAPER_EPOCH})", str(PAPER_RUNS),
+                *(str(int(p[k])) for k, _ in COUNT_COLUMNS),
+                *(f"{p[k]:.2f}" for k in ("acc_mean", "acc_sd", "loss_mean", "loss_sd")),
+            ]))
     return "\n".join(lines)
 
 
-def _write_table_csv(
-    path: Path, dataset: str, summaries: Sequence[SolverSummary], with_paper: bool
-) -> None:
+def _table_rows(
+    dataset: str, view: str, summaries: Sequence[SolverSummary], with_paper: bool
+) -> list[dict[str, Any]]:
+    """The rows of the table CSV for one view (``source``: this run or paper)."""
+    rows: list[dict[str, Any]] = []
+    for s in summaries:
+        rows.append({
+            "dataset": dataset, "view": VIEW_LABEL[view], "solver": s.solver,
+            "source": "this run", "runs": s.runs, "epoch": s.epoch, **s.counts,
+            "acc_mean": s.acc_mean, "acc_sd": s.acc_sd,
+            "loss_mean": s.loss_mean, "loss_sd": s.loss_sd,
+        })
+        if with_paper and s.solver in PAPER_TABLE1:
+            p = PAPER_TABLE1[s.solver]
+            rows.append({
+                "dataset": dataset, "view": VIEW_LABEL[view], "solver": s.solver,
+                "source": "paper", "runs": PAPER_RUNS, "epoch": PAPER_EPOCH,
+                **{k: int(p[k]) for k, _ in COUNT_COLUMNS},
+                **{k: p[k] for k in ("acc_mean", "acc_sd", "loss_mean", "loss_sd")},
+            })
+    return rows
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        w = csv.DictWriter(fh, fieldnames=list(columns))
         w.writeheader()
-        for s in summaries:
-            w.writerow(
-                {
-                    "dataset": dataset,
-                    "solver": s.solver,
-                    "source": "this run",
-                    "runs": s.runs,
-                    "epoch": s.epoch,
-                    **s.counts,
-                    "acc_mean": s.acc_mean,
-                    "acc_sd": s.acc_sd,
-                    "loss_mean": s.loss_mean,
-                    "loss_sd": s.loss_sd,
-                }
-            )
-            if with_paper and s.solver in PAPER_TABLE1:
-                p = PAPER_TABLE1[s.solver]
-                w.writerow(
-                    {
-                        "dataset": dataset,
-                        "solver": s.solver,
-                        "source": "paper",
-                        "runs": PAPER_RUNS,
-                        "epoch": PAPER_EPOCH,
-                        **{k: int(p[k]) for k, _ in COUNT_COLUMNS},
-                        **{k: p[k] for k in ("acc_mean", "acc_sd", "loss_mean", "loss_sd")},
-                    }
-                )
+        w.writerows(rows)
+
+
+TIME_COLUMNS = ("view", "solver", "reached", "runs", "median_epochs", "median_seconds",
+                "mean_step_ms")
 
 
 def _time_markdown(times: Sequence[TimeTo98]) -> str:
@@ -396,11 +412,46 @@ def _time_markdown(times: Sequence[TimeTo98]) -> str:
     return "\n".join(lines)
 
 
+def _view_section(
+    dataset: str, view: str, solvers: Mapping[str, Runs], epoch: int | None, with_paper: bool
+) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Markdown, table rows and time rows of one test-set view."""
+    summaries = summarize(solvers, epoch, view)
+    times = time_to_98(solvers, view=view)
+    paper_here = with_paper and view == PAPER_VIEW
+    notes = [f"Test metrics after epoch {summaries[0].epoch}; SD is the sample SD (ddof=1)."]
+    if paper_here:
+        notes.append(f"Paper rows: Table 1 of the paper ({PAPER_RUNS} runs, epoch {PAPER_EPOCH}).")
+    for s in summaries:
+        if s.incomplete:
+            notes.append(
+                f"{DISPLAY.get(s.solver, s.solver)}: left out (did not reach "
+                f"epoch {s.epoch}): {', '.join(s.incomplete)}."
+            )
+    text = "\n".join([
+        f"### {VIEWS[view][0].upper()}{VIEWS[view][1:]}",
+        "",
+        _table_markdown(summaries, paper_here),
+        "",
+        *notes,
+        "",
+        "Time to 98% test accuracy (median over the seeds that reached it):",
+        "",
+        _time_markdown(times),
+    ])
+    time_rows = [{"view": VIEW_LABEL[view], "solver": t.solver, "reached": t.reached,
+                  "runs": t.runs, "median_epochs": t.median_epochs,
+                  "median_seconds": t.median_seconds, "mean_step_ms": t.mean_step_ms}
+                 for t in times]
+    return text, _table_rows(dataset, view, summaries, paper_here), time_rows
+
+
 def write_report(
     root: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
     *,
     paper: bool | None = None,
+    epoch: int | None = None,
 ) -> str:
     """Write Table 1 (Markdown + CSV), Figures 1-2 (PNG) and time-to-98% for ``root``.
 
@@ -409,6 +460,7 @@ def write_report(
         out_dir: where to write (default ``root/report``); files are prefixed with the
             data set name.
         paper: show the paper's values next to ours (default: for MNIST only).
+        epoch: the epoch the tables are taken at (default: the last any run reached).
 
     Returns:
         The report as Markdown text (it names the files written).
@@ -428,51 +480,24 @@ def write_report(
     for dataset, solvers in found.items():
         with_paper = (dataset == "mnist") if paper is None else paper
         prefix = f"{dataset}_"
-        summaries = summarize(solvers)
-        times = time_to_98(solvers)
-        table = _table_markdown(dataset, summaries, with_paper)
-        timing = _time_markdown(times)
+        sections, table_rows, time_rows = [], [], []
+        for view in available_views(solvers) or ["test"]:
+            text, rows, trows = _view_section(dataset, view, solvers, epoch, with_paper)
+            sections.append(text)
+            table_rows += rows
+            time_rows += trows
         md_path, csv_path = out / f"{prefix}table1.md", out / f"{prefix}table1.csv"
         time_path = out / f"{prefix}time_to_98.csv"
+        _write_csv(csv_path, CSV_COLUMNS, table_rows)
+        _write_csv(time_path, TIME_COLUMNS, time_rows)
         figures = make_figures(solvers, out, prefix)
-        _write_table_csv(csv_path, dataset, summaries, with_paper)
-        with time_path.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(
-                ["solver", "reached", "runs", "median_epochs", "median_seconds", "mean_step_ms"]
-            )
-            for t in times:
-                w.writerow(
-                    [t.solver, t.reached, t.runs, t.median_epochs, t.median_seconds, t.mean_step_ms]
-                )
-        notes = [
-            f"Test metrics after epoch {summaries[0].epoch}; SD is the sample SD (ddof=1).",
-        ]
-        if with_paper:
-            notes.append(
-                f"Paper rows: Table 1 of the paper ({PAPER_RUNS} runs, epoch {PAPER_EPOCH})."
-            )
-        for s in summaries:
-            if s.incomplete:
-                notes.append(
-                    f"{DISPLAY.get(s.solver, s.solver)}: left out (did not reach "
-                    f"epoch {s.epoch}): {', '.join(s.incomplete)}."
-                )
-        text = "\n".join(
-            [
-                f"## Table 1 — {dataset}",
-                "",
-                table,
-                "",
-                *notes,
-                "",
-                "### Time to 98% test accuracy (median over the seeds that reached it)",
-                "",
-                timing,
-                "",
-                "Files: " + ", ".join(str(p) for p in (md_path, csv_path, time_path, *figures)),
-            ]
-        )
+        text = "\n".join([
+            f"## Table 1 — {dataset}",
+            "",
+            "\n\n".join(sections),
+            "",
+            "Files: " + ", ".join(str(p) for p in (md_path, csv_path, time_path, *figures)),
+        ])
         md_path.write_text(text + "\n")
         parts.append(text)
     return "\n\n".join(parts) + "\n"

@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ METRIC_FIELDS: tuple[str, ...] = (
     "train_acc",
     "test_loss",
     "test_acc",
+    "raw_test_loss",
+    "raw_test_acc",
     "wall_time_s",
     "mean_step_ms",
 )
@@ -94,6 +96,10 @@ class TrainConfig:
     ``optimizer_kwargs`` go to ``kldwrm.make_optimizer(optimizer, model, **kwargs)``
     (keyword names as in DESIGN section 1: lr, rho, damping, weight_decay, ...).
     Accuracies are fractions in ``[0, 1]``; ``NaN`` for regression.
+
+    Every epoch evaluates two views of the test set: ``test_*``, inputs standardised like
+    the training inputs, and ``raw_test_*``, inputs on the files' own scale as the released
+    notebooks fed them (``NaN`` where a data set has no raw view).
     """
 
     dataset: str = "mnist"
@@ -109,7 +115,6 @@ class TrainConfig:
     subset: int | None = None
     data_dir: str | None = None
     normalize: bool = True
-    normalize_test: bool = True
     drop_last: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,16 +260,31 @@ def _check_same_run(saved: Mapping[str, Any], config: TrainConfig, where: Path) 
 def checkpoint_status(out_dir: str | os.PathLike[str], config: TrainConfig) -> str:
     """``"missing"``, ``"partial"`` or ``"finished"`` (``config.epochs`` reached).
 
+    A run directory kept without its checkpoint (an archived study keeps only
+    ``metrics.csv`` and ``config.json``) is ``"finished"`` when its ``config.json`` is this
+    configuration and its metrics reach ``config.epochs``.
+
     Raises:
-        ConfigMismatchError: the checkpoint was written for different settings.
+        ConfigMismatchError: the checkpoint (or the archived configuration) was written for
+            different settings.
     """
     ckpt = Path(out_dir) / CHECKPOINT_NAME
     if not ckpt.is_file():
-        return "missing"
+        return _archived_status(Path(out_dir), config)
     state = load_checkpoint(ckpt)
     _check_same_run(state.get("config", {}), config, ckpt)
     done = int(state.get("epoch", 0)) >= config.epochs and int(state.get("batch", 0)) == 0
     return "finished" if done else "partial"
+
+
+def _archived_status(out_dir: Path, config: TrainConfig) -> str:
+    cfg, metrics = out_dir / CONFIG_NAME, out_dir / METRICS_NAME
+    if not (cfg.is_file() and metrics.is_file()):
+        return "missing"
+    _check_same_run(json.loads(cfg.read_text()), config, cfg)
+    epochs = [int(r["epoch"]) for r in read_metrics(metrics)]
+    done = epochs[: config.epochs] == list(range(1, config.epochs + 1))
+    return "finished" if done else "missing"
 
 
 def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -387,25 +407,16 @@ def train(
             config.dataset,
             config.data_dir,
             normalize=config.normalize,
-            normalize_test=config.normalize_test,
             subset=config.subset,
         )
     elif config.subset is not None and data.x_train.shape[0] > config.subset:
-        data = TensorData(
-            data.name,
-            data.task,
-            data.x_train[: config.subset],
-            data.y_train[: config.subset],
-            data.x_test,
-            data.y_test,
-            data.num_classes,
-            data.noise_std,
-            data.source,
-        )
+        data = replace(data, x_train=data.x_train[: config.subset],
+                       y_train=data.y_train[: config.subset])
     task = data.task
     loss_fn = _loss_fn(task)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    x_raw = None if data.x_test_raw is None else data.x_test_raw.to(device)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs).to(device)
@@ -550,15 +561,18 @@ def train(
                     cb.on_step(epoch, batch_pos, *_running_means(running, task))
                     if stopping():
                         raise _StopRequested
-                if world > 1:
-                    test_loss, test_acc = _evaluate_sharded(
-                        model, x_test, y_test, task, config.eval_batch_size, rank, world, stop,
-                        agreed,
-                    )
-                else:
-                    test_loss, test_acc = evaluate(
-                        model, x_test, y_test, task, config.eval_batch_size
-                    )
+                views = []
+                for xv in (x_test, x_raw):
+                    if xv is None:
+                        views.append((math.nan, math.nan))
+                    elif world > 1:
+                        views.append(_evaluate_sharded(
+                            model, xv, y_test, task, config.eval_batch_size, rank, world, stop,
+                            agreed,
+                        ))
+                    else:
+                        views.append(evaluate(model, xv, y_test, task, config.eval_batch_size))
+                (test_loss, test_acc), (raw_loss, raw_acc) = views
                 train_loss, train_acc = _running_means(running, task)
                 row = {
                     "epoch": epoch,
@@ -566,6 +580,8 @@ def train(
                     "train_acc": train_acc,
                     "test_loss": test_loss,
                     "test_acc": test_acc,
+                    "raw_test_loss": raw_loss,
+                    "raw_test_acc": raw_acc,
                     "wall_time_s": wall_before + time.perf_counter() - t0,
                     "mean_step_ms": 1000.0 * running["step_s"] / max(1.0, running["steps"]),
                 }

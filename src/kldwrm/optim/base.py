@@ -27,6 +27,7 @@ from .._validation import (
     check_unit_interval,
 )
 from ..curvature import (
+    BIAS_MODES,
     CURVATURES,
     DENSE_SCOPES,
     FISHER_TYPES,
@@ -67,6 +68,11 @@ class CurvatureOptimizer(Optimizer):
         curvature: ``"kron"`` (K-FAC blocks) or ``"dense"`` (full Fisher; small models).
         dense_scope: with ``curvature="dense"``, one block for the ``"model"`` or one per
             ``"layer"`` (module).
+        bias: how a layer's bias enters its Kronecker block: ``"homogeneous"`` (an extra
+            input coordinate, one joint block) or ``"separate"`` (the released code's own
+            bias block, ``A = [1]`` and ``Γ`` from the output gradient summed over the
+            positions sharing the bias; with ``curvature="dense", dense_scope="layer"``
+            the bias gets its own dense block).
         params: optional parameters or parameter groups (default: every trainable parameter
             of ``model``); each group may set its own ``lr``, ``weight_decay``, ``damping``.
         seed: seed of the generator used to sample Fisher labels (default derived from
@@ -88,6 +94,7 @@ class CurvatureOptimizer(Optimizer):
         block_clip: float | None = None,
         curvature: str = "kron",
         dense_scope: str = "model",
+        bias: str = "homogeneous",
         params: Iterable[Any] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -106,6 +113,7 @@ class CurvatureOptimizer(Optimizer):
         check_choice("likelihood", likelihood, LIKELIHOODS)
         check_choice("curvature", curvature, CURVATURES)
         check_choice("dense_scope", dense_scope, DENSE_SCOPES)
+        check_choice("bias", bias, BIAS_MODES)
         if fisher == "exact" and curvature != "dense":
             raise ValueError(
                 "fisher='exact' is only available with curvature='dense'; "
@@ -128,6 +136,7 @@ class CurvatureOptimizer(Optimizer):
         self.update_freq = update_freq
         self.fisher = fisher
         self.likelihood = likelihood
+        self.bias = bias
         self._params: list[nn.Parameter] = [p for g in self.param_groups for p in g["params"]]
         self._group_of: list[int] = [
             gi for gi, g in enumerate(self.param_groups) for _ in g["params"]
@@ -148,6 +157,7 @@ class CurvatureOptimizer(Optimizer):
             likelihood=likelihood,
             curvature=curvature,
             dense_scope=dense_scope,
+            bias=bias,
             generator=self.generator,
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
