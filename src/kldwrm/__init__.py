@@ -9,7 +9,14 @@ Implements Puiu, *Rethinking Exponential Averaging of the Fisher* (ECML PKDD 202
 
 from .curvature import CurvatureError
 from .factory import OPTIMIZERS, PAPER_SETTINGS, make_optimizer
-from .optim import KFAC, QKLDWRM, SOKLDWRM, CurvatureOptimizer, NonFiniteGradientWarning
+from .optim import (
+    KFAC,
+    QKLDWRM,
+    SOKLDWRM,
+    CurvatureOptimizer,
+    MissingCurvatureWarning,
+    NonFiniteGradientWarning,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +28,7 @@ __all__ = [
     "SOKLDWRM",
     "CurvatureError",
     "CurvatureOptimizer",
+    "MissingCurvatureWarning",
     "NonFiniteGradientWarning",
     "make_optimizer",
 ]

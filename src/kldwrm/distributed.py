@@ -76,7 +76,9 @@ def all_reduce_weighted_(
     the statistic of the concatenated batch; a weight of ``None`` means the statistic is
     already scaled to the global batch and is summed over ranks. The weights travel in the
     same buffer as the statistics, so this is one flattened all-reduce per dtype and device
-    (normally exactly one). Returns ``Σ_r w_r`` per block and key (``nan`` for sums).
+    (normally exactly one). Returns ``Σ_r w_r`` per block and key (``nan`` for sums). Every
+    rank must pass the same blocks and keys, in the same order and shapes: a rank without
+    data for a block sends zeros with weight 0 (a total of 0 then means no rank had data).
     """
     totals: list[dict[str, float]] = [{k: float("nan") for k in st} for st in stats]
     if not is_distributed():
@@ -107,7 +109,7 @@ def all_reduce_weighted_(
             n = t.numel()
             red = buf[i : i + n].view_as(t)
             if weights[b][k] is not None:
-                red = red / total
+                red = red / total if total != 0 else red  # 0: no rank had data (all zeros)
                 totals[b][k] = total
             stats[b][k] = red.to(t.dtype)
             i += n

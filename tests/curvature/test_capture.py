@@ -60,7 +60,7 @@ def test_no_grad_forward_passes_are_not_captured():
     F.cross_entropy(model(x), y).backward()
     with torch.no_grad():  # e.g. an evaluation between backward and step
         model(torch.randn(50, 1, 8, 8))
-    assert opt.engine.capture.batch_sizes == [8]
+    assert opt.engine.capture.examples == [8]
     opt.step()
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .capture import widen
 from .kron import EXACT_SOLVE_RTOL, KroneckerFactors, ea_update
 from .linalg import CurvatureError
 
@@ -42,8 +43,9 @@ class Block(ABC):
         self.last_residual = 0.0
 
     @abstractmethod
-    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Fresh curvature estimate of this step from the captured statistics."""
+    def fresh(self, capture, grads: Sequence[Tensor | None]) -> dict[str, Tensor] | None:
+        """Fresh curvature estimate of this step from the captured statistics; ``None`` when
+        the block received no data on this step (its tensors were not used)."""
 
     @abstractmethod
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
@@ -100,25 +102,41 @@ class Block(ABC):
         """Forget the fresh estimate once the refresh step is over (saves memory)."""
         return None
 
+    @abstractmethod
+    def keep_average(self) -> None:
+        """A refresh without data for this block: the average stays as it is and stands in
+        for the fresh estimate of this step (a block never refreshed stays left out)."""
+
     # -- data parallelism (kldwrm.distributed) ---------------------------------------------
     def distributed_fresh(
-        self, capture, grads: Sequence[Tensor]
+        self, capture, grads: Sequence[Tensor | None]
     ) -> tuple[dict[str, Tensor], dict[str, float | None]]:
         """This rank's statistics for the all-reduce over ranks, and their weights.
 
         Each statistic ``t_r`` with weight ``w_r`` is combined as ``Σ w_r t_r / Σ w_r``
         (weight ``None``: summed), which must give the statistic of the concatenated
         batch; :meth:`finish_distributed` then turns the combined statistics into the
-        fresh estimate. Default: the fresh estimate, a mean over the examples.
+        fresh estimate. A rank where the block received no data sends zeros with weight 0
+        (:meth:`empty_statistics`), so every rank joins the same all-reduce. Default: the
+        fresh estimate, a mean over the examples.
         """
         est = self.fresh(capture, grads)
-        n = float(capture.batch_size())
+        if est is None:
+            return self.empty_statistics()
+        n = float(capture.num_examples())
         return est, dict.fromkeys(est, n)
+
+    def empty_statistics(self) -> tuple[dict[str, Tensor], dict[str, float | None]]:
+        """Zero statistics of the right shapes, with weight 0 (no data on this rank)."""
+        raise NotImplementedError
 
     def finish_distributed(
         self, stats: dict[str, Tensor], totals: dict[str, float]
-    ) -> dict[str, Tensor]:
-        """Fresh estimate from the combined statistics (``totals``: the summed weights)."""
+    ) -> dict[str, Tensor] | None:
+        """Fresh estimate from the combined statistics (``totals``: the summed weights);
+        ``None`` when no rank had data for the block (a total weight of 0)."""
+        if any(t == 0 for t in totals.values()):
+            return None
         return stats
 
     def numel(self) -> int:
@@ -167,16 +185,15 @@ class FactoredBlock(Block):
     def _from_mat(self, mat: Tensor) -> list[Tensor]:
         """Inverse of :meth:`_to_mat`."""
 
-    def _captured(self, capture) -> tuple[list[Tensor], list[Tensor]]:
-        inputs = capture.inputs.get(self.module, [])
-        deltas = capture.deltas.get(self.module, [])
-        if not inputs or not deltas:
-            raise RuntimeError(
-                f"no activations/gradients were captured for layer {self.name!r} on a curvature "
-                "refresh step: run a forward pass (with grad enabled) and loss.backward() "
-                "through this layer before optimizer.step()"
-            )
-        return inputs, deltas
+    def _has_data(self, capture) -> bool:
+        """Whether this step's capture holds both inputs and output gradients of the layer."""
+        return bool(capture.inputs.get(self.module)) and bool(capture.deltas.get(self.module))
+
+    def empty_statistics(self):
+        d_in, d_out = self._factor_sizes()
+        z = self.module.weight.new_zeros
+        return ({"A": z(d_in, d_in, dtype=self.dtype), "G": z(d_out, d_out, dtype=self.dtype)},
+                {"A": 0.0, "G": 0.0})
 
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.factors.fold(fresh["A"], fresh["G"], rho)
@@ -184,6 +201,9 @@ class FactoredBlock(Block):
 
     def drop_fresh(self) -> None:
         self.factors.drop_fresh()
+
+    def keep_average(self) -> None:
+        self.factors.keep_average()
 
     def _factor_sizes(self) -> tuple[int, int]:
         """``(in, out)``: the sizes of ``A`` and ``Γ``."""
@@ -258,9 +278,10 @@ class KroneckerBlock(FactoredBlock):
         super().__init__(module, params, name)
 
     # -- statistics -------------------------------------------------------------------
-    def _columns(self, x: Tensor) -> Tensor:
+    def _columns(self, x: Tensor, rows: Tensor | None) -> Tensor:
         """Layer input → ``Xᵀ``: one column per row ``a`` of eq. 11 (im2col for convolutions).
 
+        ``rows``: the rows to keep (a linear layer's positions that are counted examples).
         The layout is feature-major, ``(in_features, rows)``: for a convolution the copy out
         of the strided patch view then moves runs of a whole output row at a time instead
         of ``kw`` numbers (5-7x faster for narrow convolutions), and the Gram product
@@ -269,52 +290,74 @@ class KroneckerBlock(FactoredBlock):
         x = x.to(self.dtype)
         if isinstance(self.module, _ConvNd):
             return _conv_columns(x, self.module)
-        return x.reshape(-1, x.shape[-1]).T
+        cols = x.reshape(-1, x.shape[-1])
+        return (cols if rows is None else cols[rows]).T
 
-    def _delta_columns(self, delta: Tensor) -> Tensor:
+    def _delta_columns(self, delta: Tensor, rows: Tensor | None) -> Tensor:
         """Output gradients → ``Δᵀ`` of shape ``(out_channels, rows)``."""
         delta = delta.to(self.dtype)
         if isinstance(self.module, _ConvNd):
             return delta.transpose(0, 1).reshape(delta.shape[1], -1)
-        return delta.reshape(-1, delta.shape[-1]).T
+        cols = delta.reshape(-1, delta.shape[-1])
+        return (cols if rows is None else cols[rows]).T
 
-    def _input_factor(self, inputs: Sequence[Tensor]) -> Tensor:
-        """``A = (1/N) Σ ā āᵀ`` with ``ā = [a, 1]``: the homogeneous coordinate's row and
-        column are the sums of ``a`` and the row count, so no column of ones is built."""
+    def _rows(self, capture, t: Tensor, call: int) -> Tensor | None:
+        """The counted rows of a linear layer's tensor recorded in ``call`` (``None``: all)."""
+        if isinstance(self.module, _ConvNd):
+            return None
+        return capture.row_mask(call, t.shape[:-1])
+
+    def _input_factor(self, capture) -> tuple[Tensor, float]:
+        """``A = (1/N) Σ ā āᵀ`` with ``ā = [a, 1]``, and ``N``. The homogeneous coordinate's
+        row and column are the sums of ``a`` and the row count: no column of ones is built.
+
+        ``N`` counts the examples of the call each input belongs to (every leading position
+        of the model output, DESIGN section 1), once per use of the layer.
+        """
         gram = total = None
-        count = 0
-        for x in inputs:
-            cols = self._columns(x)
+        count = n = 0
+        for x, call in zip(capture.inputs[self.module], capture.input_calls[self.module],
+                           strict=True):
+            cols = self._columns(x, self._rows(capture, x, call))
             g = cols @ cols.T
             gram = g if gram is None else gram.add_(g)
+            n += capture.examples[call]
             if self.has_bias:
                 t = cols.sum(dim=1)
                 total = t if total is None else total.add_(t)
                 count += cols.shape[1]
-        n = sum(x.shape[0] for x in inputs)
         if not self.has_bias:
-            return gram.div_(n)
+            return gram.div_(n), float(n)
         k = gram.shape[0]
         A = gram.new_empty(k + 1, k + 1)
         A[:k, :k] = gram
         A[:k, k] = total
         A[k, :k] = total
         A[k, k] = count
-        return A.div_(n)
+        return A.div_(n), float(n)
 
-    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
-        inputs, deltas = self._captured(capture)
-        dcols = [self._delta_columns(d) for d in deltas]
-        G = sum(c @ c.T for c in dcols) / sum(c.shape[1] for c in dcols)
-        return {"A": self._input_factor(inputs), "G": G}
+    def _output_factor(self, capture) -> tuple[Tensor, float]:
+        """``Γ = (1/R) Σ δ δᵀ`` over the ``R`` counted rows of output gradients, and ``R``."""
+        G, rows = None, 0
+        for d, call in zip(capture.deltas[self.module], capture.delta_calls[self.module],
+                           strict=True):
+            cols = self._delta_columns(d, self._rows(capture, d, call))
+            g = (cols @ cols.T).mul_(capture.delta_scale(call) ** 2)
+            G = g if G is None else G.add_(g)
+            rows += cols.shape[1]
+        return G.div_(max(rows, 1)), float(rows)
+
+    def fresh(self, capture, grads):
+        if not self._has_data(capture):
+            return None
+        return {"A": self._input_factor(capture)[0], "G": self._output_factor(capture)[0]}
 
     def distributed_fresh(self, capture, grads):
         """``A`` weighted by this rank's examples, ``Γ`` by its rows of ``δ``."""
-        est = self.fresh(capture, grads)
-        n = sum(x.shape[0] for x in capture.inputs[self.module])
-        channel = 1 if isinstance(self.module, _ConvNd) else -1  # as in _delta_columns
-        rows = sum(d.numel() // d.shape[channel] for d in capture.deltas[self.module])
-        return est, {"A": float(n), "G": float(rows)}
+        if not self._has_data(capture):
+            return self.empty_statistics()
+        (A, n), (G, rows) = self._input_factor(capture), self._output_factor(capture)
+        return {"A": A, "G": G}, {"A": n, "G": rows}
 
     # -- vector layout ----------------------------------------------------------------
     def _factor_sizes(self) -> tuple[int, int]:
@@ -351,23 +394,41 @@ class BiasBlock(FactoredBlock):
     def __init__(self, module: nn.Module, name: str) -> None:
         super().__init__(module, [module.bias], name)
 
-    def _example_sums(self, delta: Tensor) -> Tensor:
-        """``s_n`` for every example, shape ``(N, out)``."""
+    def _example_sums(self, capture, delta: Tensor, call: int) -> Tensor:
+        """``s_n`` for every example, shape ``(N, out)``: a convolution's output gradient
+        summed over its positions; a linear layer's rows when they are the model output's
+        positions (each its own example, ignored ones dropped), else summed over the
+        dimensions after the batch dimension."""
         delta = delta.to(self.dtype)
         if isinstance(self.module, _ConvNd):
             return delta.reshape(delta.shape[0], delta.shape[1], -1).sum(-1)
+        if capture.aligned(call, delta.shape[:-1]):
+            rows = delta.reshape(-1, delta.shape[-1])
+            mask = capture.row_mask(call, delta.shape[:-1])
+            return rows if mask is None else rows[mask]
         return delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
 
-    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
-        _, deltas = self._captured(capture)
-        sums = [self._example_sums(d) for d in deltas]
-        G = sum(s.T @ s for s in sums) / sum(s.shape[0] for s in sums)
+    def _sums(self, capture) -> tuple[Tensor, float]:
+        G, n = None, 0
+        for d, call in zip(capture.deltas[self.module], capture.delta_calls[self.module],
+                           strict=True):
+            s = self._example_sums(capture, d, call)
+            g = (s.T @ s).mul_(capture.delta_scale(call) ** 2)
+            G = g if G is None else G.add_(g)
+            n += s.shape[0]
+        return G.div_(max(n, 1)), float(n)
+
+    def fresh(self, capture, grads):
+        if not capture.deltas.get(self.module):
+            return None
+        G, _ = self._sums(capture)
         return {"A": torch.ones(1, 1, dtype=G.dtype, device=G.device), "G": G}
 
     def distributed_fresh(self, capture, grads):
-        est = self.fresh(capture, grads)
-        n = float(sum(d.shape[0] for d in capture.deltas[self.module]))
-        return est, {"A": n, "G": n}
+        if not capture.deltas.get(self.module):
+            return self.empty_statistics()
+        G, n = self._sums(capture)
+        return {"A": torch.ones(1, 1, dtype=G.dtype, device=G.device), "G": G}, {"A": n, "G": n}
 
     def _factor_sizes(self) -> tuple[int, int]:
         return 1, self.params[0].numel()
@@ -395,40 +456,52 @@ class DiagonalBlock(Block):
         self.F_bar: Tensor | None = None
         self.F_fresh: Tensor | None = None
 
-    def fresh(self, capture, grads: Sequence[Tensor]) -> dict[str, Tensor]:
+    def fresh(self, capture, grads):
         p = self.params[0]
         if capture.fisher == "mc":
             est = capture.diag_sq.get(p)
-            if est is None:
-                raise RuntimeError(
-                    f"no sampled-label gradient was captured for {self.name!r} on a curvature "
-                    "refresh step: run a forward pass with grad enabled before optimizer.step()"
-                )
-            return {"F": est}
-        n = capture.batch_size()
-        return {"F": grads[0].square() * n}
+            return None if est is None else {"F": est}
+        if grads[0] is None:
+            return None
+        return {"F": widen(grads[0]).square() * capture.num_examples()}
 
     def distributed_fresh(self, capture, grads):
         """The estimate ``N·ḡ²`` of the concatenated batch (``N`` the global batch size).
 
         ``"empirical"``: ``ḡ`` is the gradient DDP already averaged over ranks, so the
-        ranks' ``N_r·ḡ²`` are summed. ``"mc"``: each rank's mean sampled-label gradient
-        ``ḡ_r`` is averaged with weight ``N_r`` and squared afterwards
-        (:meth:`finish_distributed`), not the ranks' squares averaged.
+        ranks' ``N_r·ḡ²`` are summed (``seen`` counts the ranks that had a gradient).
+        ``"mc"``: each rank's mean sampled-label gradient ``ḡ_r`` is averaged with weight
+        ``N_r`` and squared afterwards (:meth:`finish_distributed`), not the ranks' squares
+        averaged.
         """
-        if capture.fisher != "mc":
-            return self.fresh(capture, grads), {"F": None}
         p = self.params[0]
+        if capture.fisher != "mc":
+            est = self.fresh(capture, grads)
+            seen = p.new_ones(1, dtype=torch.float32)
+            if est is None:
+                est, seen = {"F": self._zeros()}, seen.zero_()
+            return {"F": est["F"], "seen": seen}, {"F": None, "seen": None}
         g = capture.diag_grad.get(p)
         if g is None:
-            self.fresh(capture, grads)  # raises the usual error
-        n = float(capture.batch_size())
+            return self.empty_statistics()
+        n = float(capture.num_examples())
         return {"gbar": g / n}, {"gbar": n}
+
+    def _zeros(self) -> Tensor:
+        p = self.params[0]
+        return p.new_zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32))
+
+    def empty_statistics(self):
+        return {"gbar": self._zeros()}, {"gbar": 0.0}
 
     def finish_distributed(self, stats, totals):
         if "gbar" in stats:
+            if totals["gbar"] == 0:
+                return None
             return {"F": stats["gbar"].square() * totals["gbar"]}
-        return stats
+        if float(stats["seen"].sum()) == 0:
+            return None
+        return {"F": stats["F"]}
 
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.F_fresh = fresh["F"]
@@ -437,6 +510,9 @@ class DiagonalBlock(Block):
 
     def drop_fresh(self) -> None:
         self.F_fresh = None
+
+    def keep_average(self) -> None:
+        self.F_fresh = self.F_bar
 
     def _diag(self, damping: float, e: float, f: float) -> Tensor:
         d = self.F_bar * e + damping

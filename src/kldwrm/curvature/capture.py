@@ -7,18 +7,30 @@ While armed, each Kronecker layer's forward hook keeps its input ``a`` and outpu
 The output gradients ``δ`` then come from one of two places:
 
 * ``fisher="empirical"``: a tensor hook on ``z`` during the user's own ``loss.backward()``
-  (scaled by the batch size ``N``, since the user's loss is a batch mean);
+  (scaled by the number of examples ``N``, since the user's loss is a mean over them);
 * ``fisher="mc"`` (eq. 5): labels are sampled from the model's predictive distribution
   inside the root module's forward hook, and one extra backward of the summed
   sampled-label loss runs there, to the layer outputs only, with ``retain_graph=True``.
   The user's training loop is unchanged, no second forward pass runs (so BatchNorm
   running statistics and dropout masks are exactly those of the user's pass), and the
   user's ``loss.backward()`` then frees the graph as usual.
+
+Examples (DESIGN section 1): the model output's last dimension holds the classes (or the
+regression features) and every leading position is an example, so a language model's
+``(batch, time, vocab)`` logits are ``batch·time`` examples, each with its own sampled
+label. With the empirical Fisher, positions whose output gradient is exactly zero, the
+positions a loss's ``ignore_index`` left out, are not examples: they are not counted, and
+layers whose rows are those positions (same leading shape as the output) drop them.
+
+Every forward pass of the root module while armed is one *call* (several with gradient
+accumulation); each recorded tensor remembers its call, so rows can be matched to the
+examples of the output they produced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +39,49 @@ from torch import Tensor, nn
 from ..distributed import rank, rank_seed, world_size
 
 FISHER_TYPES = ("mc", "empirical", "exact")
+LIKELIHOODS = ("categorical", "gaussian")
+
+#: how the likelihood finds its tensor in the model's output (DESIGN section 1)
+OutputSelector = Callable[[Any], Tensor] | str | int | None
 
 
 def _is_functorch_tensor(t: Tensor) -> bool:
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check(t)) if check is not None else False
-LIKELIHOODS = ("categorical", "gaussian")
+
+
+def widen(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (curvature statistics are never kept in half precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def select_output(output: Any, selector: OutputSelector) -> Any:
+    """The tensor the likelihood is defined on, from whatever the model returned.
+
+    ``selector`` is ``None`` (the output itself), an ``int`` (index of a tuple or list), a
+    ``str`` (key of a dict, else attribute, e.g. ``"logits"`` of a Hugging Face output) or
+    a callable ``output -> Tensor``.
+    """
+    if selector is None:
+        return output
+    if callable(selector):
+        return selector(output)
+    if isinstance(selector, int):
+        return output[selector]
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        try:
+            return output[selector]
+        except (KeyError, TypeError):
+            pass
+    return getattr(output, selector)
+
+
+def num_examples(output: Tensor) -> int:
+    """Examples in a model output: every leading position (the last dim is the class or
+    feature dimension); a 1-D output holds one scalar per example."""
+    if output.dim() <= 1:
+        return int(output.shape[0]) if output.dim() == 1 else 1
+    return output.numel() // output.shape[-1]
 
 
 def sample_output_grads(
@@ -40,19 +89,21 @@ def sample_output_grads(
 ) -> tuple[Tensor, Tensor]:
     """Sample ``y ~ p(y | h)`` and return ``(loss_sum, y)`` for the sampled-label loss.
 
-    ``loss_sum`` is the *summed* negative log-likelihood, so its gradient with respect to
-    any per-example quantity is that example's own gradient (no ``N`` rescaling needed).
+    ``loss_sum`` is the *summed* negative log-likelihood over every example (every leading
+    position of ``output``), so its gradient with respect to any per-example quantity is
+    that example's own gradient (no ``N`` rescaling needed).
     """
     h = output.detach()
     if likelihood == "categorical":
-        if output.dim() != 2:
+        if output.dim() < 2:
             raise ValueError(
-                "likelihood='categorical' needs model outputs of shape (batch, classes), "
-                f"got {tuple(output.shape)}"
+                "likelihood='categorical' needs model outputs of shape (..., classes) with the "
+                f"classes on the last dimension, got {tuple(output.shape)}"
             )
-        probs = torch.softmax(h.float(), dim=1)
+        classes = output.shape[-1]
+        probs = torch.softmax(h.float().reshape(-1, classes), dim=-1)
         y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return F.cross_entropy(output, y, reduction="sum"), y
+        return F.cross_entropy(output.reshape(-1, classes), y, reduction="sum"), y
     noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
     y = h + noise
     return 0.5 * (output - y).square().sum(), y
@@ -71,6 +122,7 @@ class Capture:
         likelihood: str,
         generator: torch.Generator | None,
         record_root: bool = False,
+        output: OutputSelector = None,
     ) -> None:
         self.root = root
         self.kron_modules = list(kron_modules)
@@ -79,11 +131,12 @@ class Capture:
         self.likelihood = likelihood
         self.generator = generator
         self.record_root = record_root
+        self.output = output
         self._handles: list = []
         self.armed = False
         self.paused = False
         #: generator state before this step's first label sample (restored on a skipped step)
-        self.gen_snapshot: torch.Tensor | None = None
+        self.gen_snapshot: torch.Generator | None = None
         self.clear()
 
     # -- arming -----------------------------------------------------------------------
@@ -109,25 +162,48 @@ class Capture:
         self.clear()
 
     def clear(self) -> None:
+        #: per module: the layer inputs, and the call each came from
         self.inputs: dict[nn.Module, list[Tensor]] = {}
+        self.input_calls: dict[nn.Module, list[int]] = {}
+        #: per module: the output gradients (times :meth:`delta_scale`: δ), and their calls
         self.deltas: dict[nn.Module, list[Tensor]] = {}
+        self.delta_calls: dict[nn.Module, list[int]] = {}
         self._outputs: dict[nn.Module, Tensor] = {}
         self.diag_sq: dict[nn.Parameter, Tensor] = {}
         #: summed sampled-label gradients (unsquared), for the all-reduce over ranks
         self.diag_grad: dict[nn.Parameter, Tensor] = {}
-        self.batch_sizes: list[int] = []
+        #: per call: examples (leading positions of the output, ignored ones left out)
+        self.examples: list[int] = []
+        #: per call: leading shape of the output and the mask of its counted positions
+        #: (``None``: all of them)
+        self.output_shapes: list[tuple[int, ...]] = []
+        self.masks: list[Tensor | None] = []
         self._rank_generator: torch.Generator | None = None
         self.root_inputs: list[Tensor] = []
         self.root_outputs: list[Tensor] = []
         self.root_output_grads: list[Tensor] = []
 
-    def batch_size(self) -> int:
-        if not self.batch_sizes:
+    def num_examples(self) -> int:
+        """Examples of every call of this step (the ``N`` of the factors' averages)."""
+        if not self.examples:
             raise RuntimeError(
                 "no forward pass was captured on a curvature refresh step: call the model "
                 "(with grad enabled) and loss.backward() before optimizer.step()"
             )
-        return sum(self.batch_sizes)
+        return sum(self.examples)
+
+    def row_mask(self, call: int, lead: Sequence[int]) -> Tensor | None:
+        """Which rows of a tensor with leading shape ``lead``, recorded in ``call``, are
+        counted examples: ``None`` if all are, or if its rows are not the output's
+        positions (a different leading shape, e.g. a convolution's)."""
+        mask = self.masks[call] if call < len(self.masks) else None
+        if mask is None or tuple(lead) != self.output_shapes[call]:
+            return None
+        return mask.reshape(-1)
+
+    def aligned(self, call: int, lead: Sequence[int]) -> bool:
+        """Whether rows with leading shape ``lead`` are the output's positions (examples)."""
+        return call < len(self.output_shapes) and tuple(lead) == self.output_shapes[call]
 
     def snapshot_generator(self) -> None:
         """Remember the sampling generator's state before the first sample of this step."""
@@ -170,41 +246,97 @@ class Capture:
     def _layer_hook(self, module: nn.Module, inputs, output: Tensor) -> None:
         if not isinstance(output, Tensor) or not self._active(output) or not output.requires_grad:
             return
+        call = len(self.examples)  # the root hook of this call has not run yet
         self.inputs.setdefault(module, []).append(inputs[0].detach())
+        self.input_calls.setdefault(module, []).append(call)
         if self.fisher == "empirical":
-            n = output.shape[0]
-            output.register_hook(
-                lambda g, m=module, n=n: self.deltas.setdefault(m, []).append(g.detach() * n)
-            )
+            output.register_hook(lambda g, m=module, c=call: self._record_delta(m, c, g))
         else:
             self._outputs[module] = output
 
-    def _root_hook(self, module, args, kwargs, output) -> None:
+    def _record_delta(self, module: nn.Module, call: int, grad: Tensor) -> None:
+        """Empirical Fisher: the gradient of the user's mean loss (times the call's examples
+        once they are known, :meth:`delta_scale`)."""
+        self.deltas.setdefault(module, []).append(grad.detach())
+        self.delta_calls.setdefault(module, []).append(call)
+
+    def delta_scale(self, call: int) -> float:
+        """Factor that turns a recorded output gradient into per-example gradients: the
+        call's examples ``N`` for the empirical Fisher (the user's loss is a mean over
+        them; known only once the backward has reached the output), 1 for "mc"."""
+        return float(self.examples[call]) if self.fisher == "empirical" else 1.0
+
+    def _root_hook(self, module, args, kwargs, output: Any) -> None:
+        try:
+            output = select_output(output, self.output)
+        except (KeyError, IndexError, AttributeError, TypeError) as exc:
+            raise ValueError(
+                f"the optimizer's output={self.output!r} does not select a tensor from the "
+                f"model's output of type {type(output).__name__}: {exc}"
+            ) from exc
         if not isinstance(output, Tensor) or not self._active(output):
+            self._outputs.clear()
             return
-        n = output.shape[0]
-        self.batch_sizes.append(n)
+        call = len(self.examples)
+        self.examples.append(num_examples(output))
+        self.output_shapes.append(tuple(output.shape[:-1]) if output.dim() > 1 else
+                                  tuple(output.shape))
+        self.masks.append(None)
         if self.record_root:
             self.root_outputs.append(output.detach())
-            if self.fisher == "empirical" and output.requires_grad:
-                output.register_hook(lambda g, n=n: self.root_output_grads.append(g.detach() * n))
+        if self.fisher == "empirical" and output.requires_grad:
+            output.register_hook(lambda g, c=call: self._count_examples(c, g))
         if self.fisher != "mc" or not output.requires_grad:
             self._outputs.clear()
             return
+        self._sampled_backward(output, call)
+
+    def _count_examples(self, call: int, grad: Tensor) -> None:
+        """Empirical Fisher, first hook of the backward: the positions with a nonzero loss
+        gradient are this call's examples (those an ``ignore_index`` removed have none)."""
+        g = grad.detach()
+        if g.dim() > 1:
+            counted = (g.reshape(-1, g.shape[-1]) != 0).any(dim=1)
+            n = int(counted.sum())
+            if n < counted.numel():
+                self.masks[call] = counted.reshape(self.output_shapes[call])
+                self.examples[call] = max(n, 1)
+        if self.record_root:
+            self.root_output_grads.append(g * self.examples[call])
+
+    def _sampled_backward(self, output: Tensor, call: int) -> None:
+        """Fisher "mc" (eq. 5): one backward of the summed sampled-label loss, to the layer
+        outputs and the diagonal blocks' tensors only, inside the forward pass."""
         mods = list(self._outputs)
         diag = [p for p in self.diag_params if p.requires_grad]
         targets = [self._outputs[m] for m in mods] + diag
-        if targets:
-            loss, _ = sample_output_grads(output, self.likelihood, self.sampling_generator())
-            grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
-            for m, g in zip(mods, grads[: len(mods)], strict=True):
-                if g is not None:
-                    self.deltas.setdefault(m, []).append(g.detach())
-            for p, g in zip(diag, grads[len(mods):], strict=True):
-                if g is not None:
-                    est = g.detach().square() / n
-                    prev = self.diag_sq.get(p)
-                    self.diag_sq[p] = est if prev is None else prev + est
-                    prev = self.diag_grad.get(p)
-                    self.diag_grad[p] = g.detach() if prev is None else prev + g
         self._outputs.clear()
+        if not targets:
+            return
+        loss, _ = sample_output_grads(output, self.likelihood, self.sampling_generator())
+        grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+        for m, g in zip(mods, grads[: len(mods)], strict=True):
+            if g is not None:
+                self.deltas.setdefault(m, []).append(g.detach())
+                self.delta_calls.setdefault(m, []).append(call)
+        n = self.examples[call]
+        for p, g in zip(diag, grads[len(mods):], strict=True):
+            if g is not None:
+                g = widen(g.detach())
+                est = g.square() / n
+                prev = self.diag_sq.get(p)
+                self.diag_sq[p] = est if prev is None else prev + est
+                prev = self.diag_grad.get(p)
+                self.diag_grad[p] = g if prev is None else prev + g
+
+
+__all__ = [
+    "FISHER_TYPES",
+    "LIKELIHOODS",
+    "Capture",
+    "OutputSelector",
+    "num_examples",
+    "sample_output_grads",
+    "select_output",
+    "widen",
+]

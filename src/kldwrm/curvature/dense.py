@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from .blocks import Block
-from .capture import Capture
+from .capture import Capture, select_output
 from .kron import ea_update
 from .linalg import sym_eig
 
@@ -55,6 +55,9 @@ class DenseBlock(Block):
 
     def drop_fresh(self) -> None:
         self.F_fresh = None
+
+    def keep_average(self) -> None:
+        self.F_fresh = self.F_bar
 
     def _flat(self, vecs: Sequence[Tensor]) -> Tensor:
         return torch.cat([v.reshape(-1) for v in vecs])
@@ -109,7 +112,8 @@ class DenseBlock(Block):
 def _output_metric(
     out: Tensor, capture: Capture, fisher: str, likelihood: str, call: int
 ) -> Tensor:
-    """The per-example output-space matrix Λ_n of the module docstring, shape (N, C, C)."""
+    """The per-example output-space matrix Λ_n of the module docstring, shape (E, C, C),
+    for the ``E`` examples (rows) of ``out`` of shape ``(E, C)``."""
     n, c = out.shape
     if fisher == "exact":
         if likelihood == "gaussian":
@@ -118,11 +122,11 @@ def _output_metric(
         return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     if fisher == "empirical":
         # backward hooks append in reverse order of the forward calls
-        e = capture.root_output_grads[len(capture.root_output_grads) - 1 - call]
+        e = capture.root_output_grads[len(capture.root_output_grads) - 1 - call].reshape(n, c)
     else:
         if likelihood == "categorical":
             p = torch.softmax(out, dim=1)
-            y = torch.multinomial(p, 1, generator=capture.sampling_generator()).squeeze(1)
+            y = torch.multinomial(p.float(), 1, generator=capture.sampling_generator()).squeeze(1)
             e = p - torch.nn.functional.one_hot(y, c).to(p.dtype)
         else:
             noise = torch.randn(out.shape, generator=capture.sampling_generator(),
@@ -144,6 +148,7 @@ def dense_fishers(
             "dense curvature needs the model's input: no forward pass with grad enabled was "
             "captured before optimizer.step() on a refresh step"
         )
+    output = capture.output
     names = {id(p): n for n, p in model.named_parameters()}
     block_names = [[names[id(p)] for p in b.params] for b in blocks]
     all_params = {n: p.detach() for n, p in model.named_parameters()}
@@ -153,20 +158,21 @@ def dense_fishers(
     def f(sub: dict[str, Tensor], x: Tensor) -> Tensor:
         merged = dict(all_params)
         merged.update(sub)
-        return functional_call(model, (merged, buffers), (x.unsqueeze(0),)).squeeze(0)
+        out = functional_call(model, (merged, buffers), (x.unsqueeze(0),))
+        return select_output(out, output).squeeze(0)
 
     totals: list[Tensor | None] = [None] * len(blocks)
     count = 0
     for call, x in enumerate(capture.root_inputs):
         jac = vmap(jacrev(f), in_dims=(None, 0), randomness="different")(wanted, x)
         out = capture.root_outputs[call]
-        if out.dim() == 1:
-            out = out.unsqueeze(1)
+        out = out.unsqueeze(1) if out.dim() == 1 else out.reshape(-1, out.shape[-1])
         lam = _output_metric(out, capture, fisher, likelihood, call)
         for i, names_b in enumerate(block_names):
-            J = torch.cat([jac[n].reshape(x.shape[0], out.shape[1], -1) for n in names_b], dim=2)
+            J = torch.cat([jac[n].reshape(out.shape[0], out.shape[1], -1) for n in names_b],
+                          dim=2)
             fb = torch.einsum("nci,ncd,ndj->ij", J, lam, J)
             totals[i] = fb if totals[i] is None else totals[i] + fb
-        count += x.shape[0]
+        count += capture.examples[call]
     for b, t in zip(blocks, totals, strict=True):
         b.pending = t / count

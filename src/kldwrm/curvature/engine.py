@@ -23,10 +23,14 @@ from .blocks import (
     KroneckerBlock,
     kronecker_supported,
 )
-from .capture import Capture
+from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 
 CURVATURES = ("kron", "dense")
+
+
+def _wide(p: Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
 DENSE_SCOPES = ("model", "layer")
 
 
@@ -39,6 +43,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     ):
         return inner
     return model
+
+
+def _functionally_called(model: nn.Module) -> set[int]:
+    """Linear layers whose weights their parent uses without calling them as modules, so no
+    hook sees their inputs: ``nn.MultiheadAttention.out_proj``. They get diagonal blocks."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _dense_groups(
@@ -67,6 +77,7 @@ class CurvatureEngine:
         dense_scope: str = "model",
         bias: str = "homogeneous",
         generator: torch.Generator | None = None,
+        output: OutputSelector = None,
     ) -> None:
         self.root = model
         self.model = unwrap(model)
@@ -95,8 +106,9 @@ class CurvatureEngine:
                         self.blocks.append(DenseBlock(group, gname))
                         covered.update(id(p) for p in group)
         else:
+            functional = _functionally_called(self.model)
             for mname, m in self.model.named_modules():
-                if not kronecker_supported(m):
+                if not kronecker_supported(m) or id(m) in functional:
                     continue
                 own = [m.weight] + ([m.bias] if m.bias is not None else [])
                 if all(id(p) in index for p in own):
@@ -120,6 +132,7 @@ class CurvatureEngine:
             likelihood=likelihood,
             generator=generator,
             record_root=curvature == "dense",
+            output=output,
         )
 
     # -- refresh ----------------------------------------------------------------------
@@ -130,10 +143,14 @@ class CurvatureEngine:
         else:
             self.capture.disarm()
 
-    def fresh_estimates(self, grads: Sequence[Tensor]) -> list[dict[str, Tensor]] | None:
+    def fresh_estimates(
+        self, grads: Sequence[Tensor | None]
+    ) -> list[dict[str, Tensor] | None] | None:
         """Fresh estimates of every block from this step's capture; ``None`` if non-finite.
 
-        Nothing is modified, so a step with non-finite statistics can be skipped cleanly.
+        A block that received no data on this step (a layer the forward pass did not use)
+        has the estimate ``None``. Nothing is modified, so a step with non-finite
+        statistics can be skipped cleanly.
         """
         dense = [b for b in self.blocks if isinstance(b, DenseBlock)]
         if dense:
@@ -143,10 +160,12 @@ class CurvatureEngine:
                 dense_fishers(self.model, dense, self.capture, self.fisher, self.likelihood)
             finally:
                 self.capture.paused = False
-        out = []
+        self.capture.num_examples()  # raises a clear error when no forward pass was captured
+        out: list[dict[str, Tensor] | None] = []
         if is_distributed():
             # every rank's statistics, combined in one flattened all-reduce (weighted by
-            # examples/rows), so that every rank folds the same estimate of the whole batch
+            # examples/rows), so that every rank folds the same estimate of the whole batch;
+            # a block without data on this rank takes part with zeros of weight 0
             stats, weights = [], []
             for b, slot in zip(self.blocks, self.slots, strict=True):
                 st, w = b.distributed_fresh(self.capture, [grads[i] for i in slot])
@@ -158,15 +177,23 @@ class CurvatureEngine:
         else:
             for b, slot in zip(self.blocks, self.slots, strict=True):
                 out.append(b.fresh(self.capture, [grads[i] for i in slot]))
-        flat = [t.reshape(-1) for est in out for t in est.values()]
+        flat = [t.reshape(-1) for est in out if est is not None for t in est.values()]
         if flat and not bool(torch.isfinite(torch.cat(flat)).all()):
             return None
         return out
 
-    def fold(self, estimates: list[dict[str, Tensor]], rho: float) -> None:
-        """EA update and re-decomposition of every block (eqs. 12-13)."""
+    def fold(self, estimates: Sequence[dict[str, Tensor] | None], rho: float) -> None:
+        """EA update and re-decomposition of every block (eqs. 12-13); a block without an
+        estimate keeps its average, which also stands in for its fresh estimate."""
         for b, est in zip(self.blocks, estimates, strict=True):
-            b.fold(est, rho)
+            if est is None:
+                b.keep_average()
+            else:
+                b.fold(est, rho)
+
+    def ready(self) -> list[bool]:
+        """Per block: whether it has curvature (it has received data on some refresh)."""
+        return [b.initialized for b in self.blocks]
 
     def end_refresh(self) -> None:
         """Drop fresh estimates and captured tensors once the refresh step is done."""
@@ -181,10 +208,16 @@ class CurvatureEngine:
         vecs: Sequence[Tensor] | None,
         blocks: Sequence[int] | None = None,
     ) -> list[Tensor]:
-        """``fn(block, its slice of vecs)`` over ``blocks`` (default: all), reassembled into a
-        flat parameter-ordered list; tensors of the other blocks pass through unchanged."""
-        out: list[Tensor] = [None] * len(self.params) if blocks is None else list(vecs)  # type: ignore[list-item,arg-type]
-        for bi in range(len(self.blocks)) if blocks is None else blocks:
+        """``fn(block, its slice of vecs)`` over ``blocks`` (default: every block that has
+        curvature), reassembled into a flat parameter-ordered list; the tensors of the other
+        blocks pass through unchanged (ones when ``vecs`` is None)."""
+        if blocks is None:
+            blocks = [i for i, b in enumerate(self.blocks) if b.initialized]
+        if vecs is None:
+            out: list[Tensor] = [torch.ones_like(p, dtype=_wide(p)) for p in self.params]
+        else:
+            out = list(vecs)
+        for bi in blocks:
             slot = self.slots[bi]
             part = fn(self.blocks[bi], None if vecs is None else [vecs[i] for i in slot])
             for i, r in zip(slot, part, strict=True):

@@ -73,6 +73,10 @@ class KroneckerFactors:
         self.A_fresh = self.G_fresh = None
         self._cache.pop("augmented", None)
 
+    def keep_average(self) -> None:
+        """No data on this refresh: the averages stand in for the fresh factors."""
+        self.A_fresh, self.G_fresh = self.A_bar, self.G_bar
+
     def cached(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()`` computed once per decomposition (a few keys at most are kept)."""
         if key not in self._cache:

@@ -1,6 +1,6 @@
 """Step rules: what each algorithm does with the shared curvature engine."""
 
-from .base import CurvatureOptimizer, NonFiniteGradientWarning
+from .base import CurvatureOptimizer, MissingCurvatureWarning, NonFiniteGradientWarning
 from .kfac import KFAC
 from .q import Q_SOLVES, QKLDWRM
 from .qe import QEKLDWRM
@@ -13,5 +13,6 @@ __all__ = [
     "Q_SOLVES",
     "SOKLDWRM",
     "CurvatureOptimizer",
+    "MissingCurvatureWarning",
     "NonFiniteGradientWarning",
 ]

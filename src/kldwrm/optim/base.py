@@ -35,6 +35,7 @@ from ..curvature import (
     CurvatureEngine,
     unwrap,
 )
+from ..curvature.capture import OutputSelector, widen
 from ..distributed import broadcast_generator_
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ Scales = tuple[float, float, float]
 
 class NonFiniteGradientWarning(RuntimeWarning):
     """Issued (once per optimizer) when a step is skipped for NaN/Inf gradients."""
+
+
+class MissingCurvatureWarning(RuntimeWarning):
+    """Issued (once per optimizer) when a refresh step finds layers that received no data."""
 
 
 class CurvatureOptimizer(Optimizer):
@@ -73,6 +78,12 @@ class CurvatureOptimizer(Optimizer):
             bias block, ``A = [1]`` and ``Γ`` from the output gradient summed over the
             positions sharing the bias; with ``curvature="dense", dense_scope="layer"``
             the bias gets its own dense block).
+        output: where the likelihood's tensor (logits, or gaussian means) is in the model's
+            output, when the model does not return it directly: an ``int`` (index of a
+            tuple), a ``str`` (dict key or attribute, e.g. ``"logits"``) or a callable.
+            Its last dimension holds the classes (features); every leading position is an
+            example (a language model's ``(batch, time, vocab)`` logits are batch·time
+            examples).
         params: optional parameters or parameter groups (default: every trainable parameter
             of ``model``); each group may set its own ``lr``, ``weight_decay``, ``damping``.
         seed: seed of the generator used to sample Fisher labels (default derived from
@@ -95,6 +106,7 @@ class CurvatureOptimizer(Optimizer):
         curvature: str = "kron",
         dense_scope: str = "model",
         bias: str = "homogeneous",
+        output: OutputSelector = None,
         params: Iterable[Any] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -114,6 +126,10 @@ class CurvatureOptimizer(Optimizer):
         check_choice("curvature", curvature, CURVATURES)
         check_choice("dense_scope", dense_scope, DENSE_SCOPES)
         check_choice("bias", bias, BIAS_MODES)
+        if output is not None and not (callable(output) or isinstance(output, (int, str))):
+            raise ValueError(
+                f"output must be None, an int, a str or a callable, got {type(output).__name__}"
+            )
         if fisher == "exact" and curvature != "dense":
             raise ValueError(
                 "fisher='exact' is only available with curvature='dense'; "
@@ -137,6 +153,7 @@ class CurvatureOptimizer(Optimizer):
         self.fisher = fisher
         self.likelihood = likelihood
         self.bias = bias
+        self.output = output
         self._params: list[nn.Parameter] = [p for g in self.param_groups for p in g["params"]]
         self._group_of: list[int] = [
             gi for gi, g in enumerate(self.param_groups) for _ in g["params"]
@@ -159,6 +176,7 @@ class CurvatureOptimizer(Optimizer):
             dense_scope=dense_scope,
             bias=bias,
             generator=self.generator,
+            output=output,
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
             block.group = self._group_of[slot[0]]
@@ -167,6 +185,7 @@ class CurvatureOptimizer(Optimizer):
         self._clipped: list[Tensor] | None = None
         self._step_factors: list[float] = []
         self._warned_nonfinite = False
+        self._warned_missing = False
         self.engine.arm(True)
 
     # -- the step ----------------------------------------------------------------------
@@ -190,10 +209,10 @@ class CurvatureOptimizer(Optimizer):
             raise RuntimeError(
                 "optimizer.step() found no gradients: call loss.backward() before step()"
             )
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [p.grad for p in params]
         refresh = self.is_refresh_step
-        norms = torch._foreach_norm(grads, math.inf)
-        finite = bool(torch.isfinite(torch.stack(norms)).all())
+        present = [gr for gr in grads if gr is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(present, math.inf))).all())
         estimates = None
         if finite and refresh:
             estimates = self.engine.fresh_estimates(grads)
@@ -203,18 +222,66 @@ class CurvatureOptimizer(Optimizer):
             return loss
         self.engine.capture.gen_snapshot = None
         if refresh:
+            self._warn_missing(estimates)
             self._before_fold()
             self.engine.fold(estimates, self.rho)
         g = self._full_gradient(grads)
+        frozen = self._left_out(grads)
         steps = self._compute_step(g, refresh)
-        torch._foreach_add_(params, steps)
+        self._apply(steps, frozen)
         self._after_step(g, steps, refresh)
+        self._restore_state(frozen)
         self._clipped = None
         if refresh:
             self.engine.end_refresh()
         self.steps_taken += 1
         self.engine.arm(self.is_refresh_step)
         return loss
+
+    # -- tensors a step leaves out -----------------------------------------------------------
+    def _left_out(self, grads: Sequence[Tensor | None]) -> dict[int, dict[str, Any]]:
+        """Tensors this step leaves alone, with their rule state (restored afterwards):
+        those without a gradient (as ``torch.optim`` skips them) and those whose curvature
+        block has not received data yet."""
+        ready = self.engine.ready()
+        out: dict[int, dict[str, Any]] = {}
+        for bi, slot in enumerate(self.engine.slots):
+            for i in slot:
+                if grads[i] is None or not ready[bi]:
+                    out[i] = dict(self.state.get(self._params[i], {}))
+        return out
+
+    def _apply(self, steps: Sequence[Tensor], frozen: dict[int, dict[str, Any]]) -> None:
+        """``θ ← θ + s`` in each parameter's own dtype; left-out tensors take no step."""
+        params, steps = self._params, list(steps)
+        for i in frozen:
+            steps[i] = torch.zeros_like(steps[i])
+        if any(s.dtype != p.dtype for s, p in zip(steps, params, strict=True)):
+            steps = [s.to(p.dtype) for s, p in zip(steps, params, strict=True)]
+        torch._foreach_add_(params, steps)
+
+    def _restore_state(self, frozen: dict[int, dict[str, Any]]) -> None:
+        for i, st in frozen.items():
+            p = self._params[i]
+            if st:
+                self.state[p] = st
+            else:
+                self.state.pop(p, None)
+
+    def _warn_missing(self, estimates: Sequence[dict[str, Tensor] | None]) -> None:
+        """One warning per optimizer when a refresh step found layers without data."""
+        missing = [b.name for b, est in zip(self.engine.blocks, estimates, strict=True)
+                   if est is None]
+        if missing and not self._warned_missing:
+            self._warned_missing = True
+            warnings.warn(
+                f"{type(self).__name__}: no data reached {missing} on a curvature refresh "
+                "step (not used by the forward pass?): they keep their previous curvature, "
+                "and a block that never had data is left out of the step (no further "
+                "warnings)",
+                MissingCurvatureWarning,
+                stacklevel=4,
+            )
 
     def _skip(self) -> None:
         """Leave parameters and state untouched; only the skip counter moves."""
@@ -235,16 +302,20 @@ class CurvatureOptimizer(Optimizer):
             )
         logger.debug("skipped step %d (non-finite)", self.steps_taken)
 
-    def _full_gradient(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """``g_k`` of DESIGN section 3: the gradient including the weight-decay term."""
+    def _full_gradient(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
+        """``g_k`` of DESIGN section 3: the gradient including the weight-decay term, in at
+        least float32 (zero for a tensor without gradient)."""
+        params = [widen(p.detach()) for p in self._params]
+        grads = [widen(gr) if gr is not None else torch.zeros_like(p)
+                 for gr, p in zip(grads, params, strict=True)]
         wds = {g["weight_decay"] for g in self.param_groups}
         if len(wds) == 1:  # the usual case: one fused op over all tensors
             wd = wds.pop()
             if wd != 0:
-                return torch._foreach_add(list(grads), self._params, alpha=wd)
+                return torch._foreach_add(grads, params, alpha=wd)
             return [gr.clone() for gr in grads]
         out = []
-        for i, (p, gr) in enumerate(zip(self._params, grads, strict=True)):
+        for i, (p, gr) in enumerate(zip(params, grads, strict=True)):
             wd = self.param_groups[self._group_of[i]]["weight_decay"]
             out.append(gr.add(p, alpha=wd) if wd != 0 else gr.clone())
         return out

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from .._validation import check_int_at_least, check_nonnegative, check_positive
+from ..curvature.capture import num_examples, select_output, widen
 from ..distributed import all_reduce_mean_
 from ..divergence import symmetric_kl
 from .q import QKLDWRM
@@ -39,6 +40,15 @@ def _inside_functorch_transform() -> bool:
     """
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
+
+
+def _position_skl(stored: Tensor, current: Tensor, likelihood: str) -> Tensor:
+    """SKL averaged over every example: each leading position of a ``(..., C)`` output is
+    one (DESIGN section 1), whatever the number of leading dimensions."""
+    if current.dim() > 2:
+        stored = stored.reshape(-1, stored.shape[-1])
+        current = current.reshape(-1, current.shape[-1])
+    return symmetric_kl(stored, current, likelihood)
 
 
 def wake_weights(rho: float, window: int) -> list[float]:
@@ -335,11 +345,12 @@ class QEKLDWRM(QKLDWRM):
         return rest
 
     def _forward(self, pdict: dict[str, Tensor], rest: dict[str, Tensor], call: _Call) -> Tensor:
-        out = functional_call(self.engine.model, (pdict, rest), call[0], call[1])
+        out = select_output(functional_call(self.engine.model, (pdict, rest), call[0], call[1]),
+                            self.output)
         if not isinstance(out, Tensor):
             raise TypeError(
-                "QEKLDWRM needs a model whose forward returns one tensor (logits or means), "
-                f"got {type(out).__name__}"
+                "QEKLDWRM needs the logits (or means) as a tensor: the model returned "
+                f"{type(out).__name__}; pass output=... (an index, a key or a callable)"
             )
         return out
 
@@ -369,7 +380,7 @@ class QEKLDWRM(QKLDWRM):
                     ]
                 )
             outs.append(out)
-        return outs, [int(o.shape[1]) for o in outs]
+        return outs, [num_examples(o[0]) for o in outs]
 
     def _kl_grad(
         self,
@@ -383,7 +394,8 @@ class QEKLDWRM(QKLDWRM):
     ) -> list[Tensor]:
         """``∇_s Σ_j w_j SKL(θ_{k-j}, θ_k + s)`` on this rank's batch (one fwd + bwd)."""
         with torch.enable_grad():
-            leaves = [(p + si).requires_grad_(True) for p, si in zip(params, s, strict=True)]
+            leaves = [(p + si).to(p.dtype).requires_grad_(True)
+                      for p, si in zip(params, s, strict=True)]
             pdict = dict(zip(self._names, leaves, strict=True))
             total: Tensor | None = None
             for call, tgt, cw in zip(calls, targets, call_w, strict=True):
@@ -391,11 +403,13 @@ class QEKLDWRM(QKLDWRM):
                 for slot, w in enumerate(slot_w):
                     if w == 0.0:
                         continue
-                    term = symmetric_kl(tgt[slot], out, self.likelihood) * (w * cw)
+                    term = _position_skl(tgt[slot], out, self.likelihood) * (w * cw)
                     total = term if total is None else total + term
             if total is None:
                 return [torch.zeros_like(p) for p in params]
-            return list(torch.autograd.grad(total, leaves))
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            return [widen(g) if g is not None else torch.zeros_like(widen(p))
+                    for g, p in zip(grads, params, strict=True)]
 
     # -- persistence --------------------------------------------------------------------------
     def _rule_state(self) -> dict[str, Any]:
