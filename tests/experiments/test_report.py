@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import statistics
+from fractions import Fraction
+from itertools import combinations
 from pathlib import Path
 
 import pytest
 
+from kldwrm.experiments import stats
 from kldwrm.experiments.report import (
     PAPER_TABLE1,
+    TIME_NOTE,
+    claims,
     collect_runs,
     mean_sd_curve,
+    protocol_comparison,
     summarize,
     time_to_98,
     write_report,
@@ -120,6 +127,7 @@ def test_write_report_files_and_text(runs_root):
         "mnist_table1.md",
         "mnist_table1.csv",
         "mnist_time_to_98.csv",
+        "mnist_claims.csv",
         "mnist_figure1_test_loss.png",
         "mnist_figure2_test_accuracy.png",
     ):
@@ -205,3 +213,140 @@ def test_paper_values_complete_and_no_paper_for_other_data(tmp_path, runs_root):
 def test_empty_directory_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no runs"):
         write_report(tmp_path)
+
+
+# epoch 3, normalised view: K-FAC seeds 0-2 and QE seeds 0-1 (accuracy in points)
+KFAC_ACC, QE_ACC = [98.00, 98.05, 98.50], [97.50, 99.00]
+KFAC_LOSS, QE_LOSS = [0.25, 0.20, 0.30], [0.28, 0.18]
+
+
+def _brute_permutation_p(a, b) -> float:
+    """Exact two-sided permutation p over every split, in exact arithmetic."""
+    pooled = [Fraction(str(v)) for v in (*a, *b)]
+
+    def abs_diff(idx_b):
+        xb = [pooled[i] for i in idx_b]
+        xa = [v for i, v in enumerate(pooled) if i not in idx_b]
+        return abs(sum(xb) / len(xb) - sum(xa) / len(xa))
+
+    observed = abs_diff(tuple(range(len(a), len(pooled))))
+    splits = list(combinations(range(len(pooled)), len(b)))
+    return sum(abs_diff(s) >= observed for s in splits) / len(splits)
+
+
+def test_claims_by_hand(runs_root):
+    acc, loss = claims(collect_runs(runs_root)["mnist"])
+    assert (acc.solver_a, acc.solver_b, acc.metric, loss.metric) == ("kfac", "qe", "acc", "loss")
+    # epoch 3 by default; kfac seed3 stopped at epoch 2 and is left out
+    assert (acc.epoch, acc.n_a, acc.n_b) == (3, 3, 2)
+    for row, a, b in ((acc, KFAC_ACC, QE_ACC), (loss, KFAC_LOSS, QE_LOSS)):
+        c = row.comparison
+        va, vb = statistics.variance(a), statistics.variance(b)
+        assert c.diff == pytest.approx(statistics.fmean(b) - statistics.fmean(a))
+        assert c.welch.t == pytest.approx(c.diff / math.sqrt(va / 3 + vb / 2))
+        assert c.welch.df == pytest.approx((va / 3 + vb / 2) ** 2
+                                           / ((va / 3) ** 2 / 2 + (vb / 2) ** 2 / 1))
+        assert c.permutation.exact and c.permutation.relabelings == 10  # C(5, 2)
+        assert c.permutation.p == pytest.approx(_brute_permutation_p(a, b))
+        assert c.f.ratio == pytest.approx(vb / va) and (c.f.df1, c.f.df2) == (1, 2)
+        assert c.bootstrap.low < c.diff < c.bootstrap.high
+        assert c == stats.compare(a, b, seed=0)
+    # by hand: every one of the 10 splits has |Δ acc| ≥ 0.067, and 7 of them |Δ loss| ≥ 0.02
+    assert acc.comparison.permutation.p == pytest.approx(1.0)
+    assert loss.comparison.permutation.p == pytest.approx(0.7)
+    at2 = claims(collect_runs(runs_root)["mnist"], epoch=2)[0]
+    assert (at2.epoch, at2.n_a, at2.n_b) == (2, 4, 2)
+
+
+def test_claims_in_report_and_csv(runs_root):
+    text = write_report(runs_root)
+    raw_tables, claims_text = text.split("### Claims: each solver against K-FAC")
+    assert "### Raw test inputs" in raw_tables and "| Pair (B vs A) |" not in raw_tables
+    assert "uncorrected for multiple comparisons" in claims_text
+    assert "Δ = mean(B) − mean(A)" in claims_text and "s²_B/s²_A" in claims_text
+    assert "percentile" in claims_text and "seed 0" in claims_text
+    normalised, raw = claims_text.split("#### Claims — raw test inputs")
+    for part, loss_digits in ((normalised, "-0.020"), (raw, "-0.040")):
+        assert "| QE vs K-FAC | acc (points) | 3 | 2 | +0.07 | " in part
+        assert f"| QE vs K-FAC | loss | 3 | 2 | {loss_digits} | " in part
+    assert "| 1.000 |" in normalised and "| 0.700 |" in normalised  # permutation p
+    rows = _read_csv(runs_root / "report" / "mnist_claims.csv")
+    got = {(r["view"], r["metric"]): r for r in rows}
+    assert sorted(got) == [("normalised", "acc"), ("normalised", "loss"), ("raw", "acc"),
+                           ("raw", "loss")]
+    assert float(got["normalised", "acc"]["mean_a"]) == pytest.approx(statistics.fmean(KFAC_ACC))
+    assert float(got["normalised", "acc"]["diff"]) == pytest.approx(98.25 - 294.55 / 3)
+    assert float(got["normalised", "loss"]["perm_p"]) == pytest.approx(0.7)
+    # the raw view is the normalised one with accuracy 1 point lower and loss doubled:
+    # differences shift/scale accordingly, every p-value and variance ratio stays
+    for metric, scale in (("acc", 1.0), ("loss", 2.0)):
+        n, r = got["normalised", metric], got["raw", metric]
+        for key in ("diff", "ci_low", "ci_high"):
+            assert float(r[key]) == pytest.approx(scale * float(n[key]), rel=1e-6)
+        for key in ("welch_p", "perm_p", "f_p", "bf_p", "var_ratio"):
+            assert float(r[key]) == pytest.approx(float(n[key]), rel=1e-6)
+
+
+def test_claims_with_fewer_than_two_runs_and_without_kfac(runs_root, tmp_path_factory):
+    (runs_root / "mnist" / "qe" / "seed1" / "metrics.csv").unlink()
+    text = write_report(runs_root)
+    assert "| QE vs K-FAC | acc (points) | 3 | 1 |" + " — |" * 7 in text
+    assert "fewer than 2 runs in a group" in text
+    rows = _read_csv(runs_root / "report" / "mnist_claims.csv")
+    assert all(math.isnan(float(r["welch_p"])) for r in rows) and len(rows) == 4
+    shutil.rmtree(runs_root / "mnist" / "kfac")
+    text = write_report(runs_root)
+    assert "No K-FAC runs: nothing to compare against." in text
+    assert _read_csv(runs_root / "report" / "mnist_claims.csv") == []
+    kfac_only = tmp_path_factory.mktemp("kfac_only")
+    shutil.copytree(runs_root / "mnist" / "qe", kfac_only / "mnist" / "kfac")
+    assert "Only K-FAC runs: nothing to compare." in write_report(kfac_only)
+    assert _read_csv(kfac_only / "report" / "mnist_claims.csv") == []
+
+
+def test_time_table_caveat(runs_root):
+    text = write_report(runs_root)
+    table = "| K-FAC | 3/4 | 2.0 | 20.0 | 11.8 |\n| QE | 1/2 | 2.0 | 50.0 | 40.0 |"
+    assert table + "\n\n" + TIME_NOTE in text  # the note right under the table
+    assert "not a speed benchmark, see docs/benchmarks.md" in TIME_NOTE
+
+
+def test_protocol_comparison(runs_root, tmp_path_factory):
+    released = tmp_path_factory.mktemp("released")
+    shutil.copytree(runs_root / "mnist", released / "mnist")
+    (released / "mnist" / "qe" / "seed1" / "metrics.csv").unlink()
+    text = protocol_comparison({"corrected": runs_root, "released": released})
+    assert text.startswith("## Protocol comparison — mnist")
+    assert "uncorrected for multiple comparisons" in text
+    normalised, raw = text.split("### Raw test inputs")
+    kfac = "| K-FAC | 3 | 3 | 3 | 2 | 1 | 2 | 1 | 98.18 | 0.28 | 0.250 | 0.050 |"
+    rows = [f"| corrected {kfac}", f"| released {kfac}",
+            "| corrected | QE | 3 | 2 | 1 | 1 | 1 | 1 | 1 | 98.25 | 1.06 | 0.230 | 0.071 |",
+            # released QE: seed0 only (97.50%, loss 0.28), no SD
+            "| released | QE | 3 | 1 | 0 | 0 | 0 | 0 | 0 | 97.50 | — | 0.280 | — |"]
+    assert [normalised.index(r) for r in rows] == sorted(normalised.index(r) for r in rows)
+    assert "| corrected | QE vs K-FAC | acc (points) | 3 | 2 | +0.07 |" in normalised
+    assert "| released | QE vs K-FAC | acc (points) | 3 | 1 |" + " — |" * 7 in normalised
+    assert "| paper | K-FAC | 50 | 10 |" in raw and "| paper |" not in normalised
+    assert "corrected: K-FAC: left out (did not reach epoch 3): seed3." in normalised
+    at2 = protocol_comparison({"corrected": runs_root, "released": released}, 2, paper=False)
+    assert "| corrected | K-FAC | 2 | 4 |" in at2 and "| paper |" not in at2
+    shutil.rmtree(released / "mnist" / "kfac")
+    one_sided = protocol_comparison({"corrected": runs_root, "released": released})
+    assert "released: no K-FAC runs." in one_sided and "| corrected | QE vs K-FAC |" in one_sided
+    shutil.rmtree(runs_root / "mnist" / "kfac")
+    none = protocol_comparison({"corrected": runs_root, "released": released})
+    assert "No K-FAC runs: nothing to compare against." in none and "| Pair" not in none
+    with pytest.raises(FileNotFoundError, match="empty"):
+        protocol_comparison({"corrected": runs_root, "empty": tmp_path_factory.mktemp("e")})
+
+
+def test_claims_with_a_non_finite_value():
+    def run(acc, loss):
+        return [dict(epoch=1, test_acc=acc, test_loss=loss)]
+
+    solvers = {"kfac": {"seed0": run(0.97, math.nan), "seed1": run(0.98, 0.2)},
+               "so": {"seed0": run(0.975, 0.25), "seed1": run(0.985, 0.22)}}
+    acc, loss = claims(solvers)
+    assert acc.comparison is not None and acc.comparison.n_a == 2
+    assert loss.comparison is None and loss.reason == "non-finite values"
