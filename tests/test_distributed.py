@@ -42,6 +42,9 @@ CASES = {
     # the released code's separate bias blocks (conv and linear)
     "kfac-separate-bias": (KFAC, dict(bias="separate"), True),
     "q-separate-bias": (QKLDWRM, dict(bias="separate"), False),
+    # truncated factors: the seeded sketches give every rank the same decomposition
+    "kfac-rank": (KFAC, dict(rank=4), True),
+    "q-rank": (QKLDWRM, dict(rank=4), False),
 }
 
 

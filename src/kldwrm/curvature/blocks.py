@@ -147,6 +147,11 @@ class Block(ABC):
         one weight per statistic (:meth:`distributed_fresh`)."""
         return self.numel() + 1
 
+    @property
+    def exact(self) -> bool:
+        """Whether the curvature has a complete eigenbasis (no truncation to a rank)."""
+        return True
+
     def _check_ready(self) -> None:
         if not self.initialized:
             raise RuntimeError(f"curvature block {self.name!r} used before its first refresh")
@@ -164,10 +169,11 @@ class FactoredBlock(Block):
     products, the eigenbasis and persistence are shared.
     """
 
-    def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], name: str) -> None:
+    def __init__(self, module: nn.Module, params: Sequence[nn.Parameter], name: str,
+                 rank: int | None = None) -> None:
         super().__init__(params, name)
         self.module = module
-        self.factors = KroneckerFactors(name)
+        self.factors = KroneckerFactors(name, rank)
         #: dtype of the factors: at least float32, whatever the activations' dtype
         self.dtype = torch.promote_types(module.weight.dtype, torch.float32)
 
@@ -221,22 +227,31 @@ class FactoredBlock(Block):
 
         return self.factors.cached(("grid-tensors", float(ea_scale), float(damping)), make)
 
-    def to_eigenbasis(self, vecs):
+    def _check_exact(self) -> None:
         self._check_ready()
+        if not self.exact:
+            raise RuntimeError(f"block {self.name!r} keeps a truncated eigenbasis (rank)")
+
+    def to_eigenbasis(self, vecs):
+        self._check_exact()
         return self._from_mat(self.factors.rotate(self._to_mat(vecs)))
 
     def from_eigenbasis(self, coords):
-        self._check_ready()
+        self._check_exact()
         return self._from_mat(self.factors.unrotate(self._to_mat(coords)))
 
     def eigenvalues(self, ea_scale, damping):
-        self._check_ready()
+        self._check_exact()
         return list(self._grid(ea_scale, damping)[1])
+
+    @property
+    def exact(self) -> bool:
+        return self.factors.exact
 
     def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
         self._check_ready()
         V = self._to_mat(vecs)
-        if fresh_scale == 0.0:  # exact in the eigenbasis (eq. 19)
+        if fresh_scale == 0.0 and self.exact:  # exact in the eigenbasis (eq. 19)
             f = self.factors
             return self._from_mat(f.unrotate(f.rotate(V) / self._grid(ea_scale, damping)[0]))
         out = self.factors.solve(V, damping, ea_scale, fresh_scale, method)
@@ -272,10 +287,11 @@ class KroneckerBlock(FactoredBlock):
 
     kind = "kronecker"
 
-    def __init__(self, module: nn.Module, name: str, *, bias: str = "homogeneous") -> None:
+    def __init__(self, module: nn.Module, name: str, *, bias: str = "homogeneous",
+                 rank: int | None = None) -> None:
         self.has_bias = module.bias is not None and bias == "homogeneous"
         params = [module.weight] + ([module.bias] if self.has_bias else [])
-        super().__init__(module, params, name)
+        super().__init__(module, params, name, rank)
 
     # -- statistics -------------------------------------------------------------------
     def _columns(self, x: Tensor, rows: Tensor | None) -> Tensor:
@@ -391,8 +407,8 @@ class BiasBlock(FactoredBlock):
 
     kind = "kronecker-bias"
 
-    def __init__(self, module: nn.Module, name: str) -> None:
-        super().__init__(module, [module.bias], name)
+    def __init__(self, module: nn.Module, name: str, rank: int | None = None) -> None:
+        super().__init__(module, [module.bias], name, rank)
 
     def _example_sums(self, capture, delta: Tensor, call: int) -> Tensor:
         """``s_n`` for every example, shape ``(N, out)``: a convolution's output gradient

@@ -76,6 +76,7 @@ class CurvatureEngine:
         curvature: str = "kron",
         dense_scope: str = "model",
         bias: str = "homogeneous",
+        rank: int | None = None,
         generator: torch.Generator | None = None,
         output: OutputSelector = None,
     ) -> None:
@@ -112,9 +113,9 @@ class CurvatureEngine:
                     continue
                 own = [m.weight] + ([m.bias] if m.bias is not None else [])
                 if all(id(p) in index for p in own):
-                    self.blocks.append(KroneckerBlock(m, mname, bias=bias))
+                    self.blocks.append(KroneckerBlock(m, mname, bias=bias, rank=rank))
                     if m.bias is not None and bias == "separate":
-                        self.blocks.append(BiasBlock(m, f"{mname}.bias"))
+                        self.blocks.append(BiasBlock(m, f"{mname}.bias", rank=rank))
                     covered.update(id(p) for p in own)
         for p in self.params:
             if id(p) not in covered:
@@ -190,6 +191,11 @@ class CurvatureEngine:
                 b.keep_average()
             else:
                 b.fold(est, rho)
+
+    def diagonalizable(self) -> bool:
+        """Whether every block with curvature has a complete eigenbasis (no rank truncation),
+        so that vectors can live in eigenbasis coordinates (:meth:`to_eigenbasis`)."""
+        return all(b.exact for b in self.blocks if b.initialized)
 
     def ready(self) -> list[bool]:
         """Per block: whether it has curvature (it has received data on some refresh)."""

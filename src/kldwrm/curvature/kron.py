@@ -11,20 +11,108 @@ column-major ``vec``, ``(A ⊗ Γ) vec(V) = vec(Γ V A)``; so with ``Ā = QA dA 
 
 Factors and decompositions live in a floating dtype of at least float32 (``dtype``),
 whatever the dtype of the activations that produced them.
+
+Low rank (``rank=r``, DESIGN section 1; Puiu, "Randomized K-FACs", 2022): a factor larger
+than ``r`` keeps only its ``r`` leading eigenpairs, from a randomized eigensolver warm-started
+from the previous refresh's basis (:func:`~kldwrm.curvature.randomized.randomized_eigh`),
+and the discarded spectrum is replaced by one constant ``c``, the mean of the discarded
+eigenvalues::
+
+    Ā ≈ Ā_r = U diag(a) Uᵀ + c_A (I − U Uᵀ),     c_A = (tr Ā − Σ a) / (n − r),
+
+and likewise ``Γ̄``. ``c`` is the constant closest to the discarded eigenvalues in the
+Frobenius norm and keeps the factor's trace; it is computed from the trace alone (``O(n)``).
+The operator actually inverted is ``e Ā_r ⊗ Γ̄_r + γI``, whose eigenvectors are the kept
+pairs and the two complements, so its inverse (:meth:`KroneckerFactors.solve`) costs four
+products of ``O(out · in · r)``, as does the product with it (:meth:`matvec`): the cost is
+quadratic in the width. Q's refresh system (fresh factors truncated the same way) is solved
+by CG with that inverse as preconditioner. See ``docs/theory.md``.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .linalg import CurvatureError, conjugate_gradient, sym_eig
+from .randomized import discarded_trace_mean, randomized_eigh
 
 #: relative residual that ``q_solve="exact"`` guarantees on refresh steps (DESIGN section 3)
 EXACT_SOLVE_RTOL = 1e-6
+
+
+#: randomized eigensolver settings: oversampling, and power iterations without / with a
+#: warm start from the previous refresh's basis
+OVERSAMPLE = 10
+POWER_ITERS_COLD = 2
+POWER_ITERS_WARM = 1
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """``U diag(vals) Uᵀ + tail (I − U Uᵀ)``: kept eigenpairs and the discarded spectrum's
+    constant (``tail = 0`` and ``U`` square when nothing is discarded)."""
+
+    vals: Tensor
+    vecs: Tensor
+    tail: Tensor
+
+    @property
+    def full(self) -> bool:
+        return self.vecs.shape[1] == self.vecs.shape[0]
+
+    def right(self, V: Tensor) -> Tensor:
+        """``V · S``: ``tail·V + (V U)(diag(vals) − tail) Uᵀ`` (two products of ``O(n² r)``)."""
+        VU = V @ self.vecs
+        out = (VU * (self.vals - self.tail)) @ self.vecs.T
+        return out if self.full else out.add_(V, alpha=float(self.tail))
+
+    def left(self, V: Tensor) -> Tensor:
+        """``S · V``."""
+        return self.right(V.T).T
+
+
+def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: float) -> Tensor:
+    """``(e A ⊗ G + γI)^{-1} vec(V)`` as a matrix, for spectra with kept and tail parts.
+
+    With ``P = UUᵀ`` and ``Q = I − P`` on each side, ``V`` splits into four parts whose
+    eigenvalues are ``e·g_i a_j`` (kept × kept), ``e·g_i c_A``, ``e·c_G a_j`` and
+    ``e·c_G c_A``; writing ``s = 1/(eigenvalue + γ)`` for each and ``X = U_Gᵀ V U_A``::
+
+        result = s22 V + U_G diag(s12 − s22) U_Gᵀ V + V U_A diag(s21 − s22) U_Aᵀ
+                 + U_G [X ∘ (s11 − s12 − s21 + s22)] U_Aᵀ,
+
+    where the terms of a complement that is empty (a factor kept whole) are left out.
+    Four products of ``O(out · in · r)``.
+    """
+    s11 = 1.0 / (torch.outer(G.vals, A.vals) * e + damping)
+    s12 = None if A.full else 1.0 / (G.vals * (e * A.tail) + damping)
+    s21 = None if G.full else 1.0 / (A.vals * (e * G.tail) + damping)
+    s22 = None if A.full or G.full else 1.0 / (e * G.tail * A.tail + damping)
+    VA = V @ A.vecs
+    VtG = G.vecs.T @ V if s12 is not None else None
+    X = G.vecs.T @ VA
+    w = s11
+    if s12 is not None:
+        w = w - s12[:, None]
+    if s21 is not None:
+        w = w - s21[None, :]
+    if s22 is not None:
+        w = w + s22
+    right = G.vecs @ (X * w)
+    if s21 is not None:
+        right = right + VA * (s21 if s22 is None else s21 - s22)[None, :]
+    out = right @ A.vecs.T
+    if s12 is not None:
+        out = out + G.vecs @ (VtG * (s12 if s22 is None else s12 - s22)[:, None])
+    if s22 is not None:
+        out = out + s22 * V
+    return out
 
 
 def ea_update(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
@@ -38,10 +126,17 @@ class KroneckerFactors:
     """``Ā ⊗ Γ̄`` with its eigendecomposition, and the fresh ``A ⊗ Γ`` of a refresh step."""
 
     #: tensors that :meth:`state_dict` saves
-    KEYS = ("A_bar", "G_bar", "evals_A", "evecs_A", "evals_G", "evecs_G")
+    KEYS = ("A_bar", "G_bar", "evals_A", "evecs_A", "evals_G", "evecs_G", "tail_A", "tail_G",
+            "refreshes")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, rank: int | None = None) -> None:
         self.name = name
+        #: kept eigenpairs per factor (``None``: exact decompositions)
+        self.rank = rank
+        self.tail_A: Tensor | None = None
+        self.tail_G: Tensor | None = None
+        #: refreshes so far (seeds the randomized sketches, so a resumed run is bit-exact)
+        self.refreshes: Tensor | None = None
         self.A_bar: Tensor | None = None
         self.G_bar: Tensor | None = None
         self.A_fresh: Tensor | None = None
@@ -65,9 +160,40 @@ class KroneckerFactors:
         self.A_fresh, self.G_fresh = A, G
         self.A_bar = ea_update(self.A_bar, A, rho)
         self.G_bar = ea_update(self.G_bar, G, rho)
-        self.evals_A, self.evecs_A = sym_eig(self.A_bar, f"A of {self.name}")
-        self.evals_G, self.evecs_G = sym_eig(self.G_bar, f"Gamma of {self.name}")
+        count = 0 if self.refreshes is None else int(self.refreshes)
+        self.refreshes = torch.tensor(count + 1)
+        self.evals_A, self.evecs_A, self.tail_A = self._decompose(self.A_bar, self.evecs_A, "A")
+        self.evals_G, self.evecs_G, self.tail_G = self._decompose(self.G_bar, self.evecs_G,
+                                                                  "Gamma")
         self._cache = {}
+
+    def _decompose(self, mat: Tensor, previous: Tensor | None, which: str
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """Eigenpairs and tail constant: exact (rank ``None`` or ``≥ n``) or randomized."""
+        label = f"{which} of {self.name}"
+        n = mat.shape[0]
+        if self.rank is None or self.rank >= n:
+            vals, vecs = sym_eig(mat, label)
+            return vals, vecs, mat.new_zeros(())
+        gen = torch.Generator(device=mat.device)
+        gen.manual_seed(zlib.crc32(label.encode()) * 1000 + int(self.refreshes))
+        warm = previous is not None and previous.shape == (n, self.rank)
+        vals, vecs = randomized_eigh(
+            mat, self.rank, oversample=OVERSAMPLE, init=previous if warm else None,
+            power_iters=POWER_ITERS_WARM if warm else POWER_ITERS_COLD, generator=gen,
+            name=label,
+        )
+        return vals, vecs, discarded_trace_mean(mat, vals)
+
+    @property
+    def exact(self) -> bool:
+        """Whether both factors are decomposed whole (the operator is the exact ``Ā⊗Γ̄``)."""
+        return self.evecs_A is not None and _whole(self.evecs_A) and _whole(self.evecs_G)
+
+    def spectra(self) -> tuple[Spectrum, Spectrum]:
+        """``(Γ̄, Ā)`` as kept eigenpairs plus tail constants."""
+        return (Spectrum(self.evals_G, self.evecs_G, self.tail_G),
+                Spectrum(self.evals_A, self.evecs_A, self.tail_A))
 
     def drop_fresh(self) -> None:
         self.A_fresh = self.G_fresh = None
@@ -104,6 +230,8 @@ class KroneckerFactors:
     ) -> Tensor:
         """``(e Ā⊗Γ̄ + f A⊗Γ + γI)^{-1} vec(V)`` as a matrix."""
         if fresh_scale == 0.0:
+            if not self.exact:
+                return low_rank_inverse(V, *self.spectra(), ea_scale, damping)
             D = self.cached(("grid", float(ea_scale), float(damping)),
                             lambda: self.eig_grid(ea_scale, damping))
             return self.unrotate(self.rotate(V) / D)
@@ -111,18 +239,22 @@ class KroneckerFactors:
             raise RuntimeError(f"fresh factors of {self.name!r} are only kept on refresh steps")
         if method == "augmented":
             return self._solve_augmented(V, damping, ea_scale, fresh_scale)
+        if not self.exact:
+            return self._solve_cg_low_rank(V, damping, ea_scale, fresh_scale)
         return self._solve_cg(V, damping, ea_scale, fresh_scale)
 
     def _solve_augmented(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
         """The released code's ``(eĀ + fA) ⊗ (Γ̄ + fΓ) + γI`` (not the exact Kronecker sum)."""
         aug = self._cache.get("augmented")
         if aug is None or aug[0] != f:
-            dA, QA = sym_eig(e * self.A_bar + f * self.A_fresh, f"augmented A of {self.name}")
-            dG, QG = sym_eig(self.G_bar + f * self.G_fresh, f"augmented Gamma of {self.name}")
-            aug = self._cache["augmented"] = (f, dA, QA, dG, QG)
-        _, dA, QA, dG, QG = aug
-        Vt = QG.T @ V @ QA
-        return QG @ (Vt / (torch.outer(dG, dA) + damping)) @ QA.T
+            A = self._decompose(e * self.A_bar + f * self.A_fresh, self.evecs_A, "augmented A")
+            G = self._decompose(self.G_bar + f * self.G_fresh, self.evecs_G, "augmented Gamma")
+            aug = self._cache["augmented"] = (f, Spectrum(*G), Spectrum(*A))
+        _, G, A = aug
+        if G.full and A.full:
+            Vt = G.vecs.T @ V @ A.vecs
+            return G.vecs @ (Vt / (torch.outer(G.vals, A.vals) + damping)) @ A.vecs.T
+        return low_rank_inverse(V, G, A, 1.0, damping)
 
     def _solve_cg(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
         """Exact solve of ``e Ā⊗Γ̄ + f A⊗Γ + γI`` by CG in the eigenbasis of ``Ā, Γ̄``.
@@ -154,8 +286,48 @@ class KroneckerFactors:
             )
         return self.unrotate(X.to(dt))
 
+    def _fresh_spectra(self) -> tuple[Spectrum, Spectrum]:
+        """The fresh factors truncated like the averages (once per refresh step)."""
+        def make() -> tuple[Spectrum, Spectrum]:
+            A = self._decompose(self.A_fresh, self.evecs_A, "fresh A")
+            G = self._decompose(self.G_fresh, self.evecs_G, "fresh Gamma")
+            return Spectrum(*G), Spectrum(*A)
+
+        return self.cached("fresh-spectra", make)
+
+    def _solve_cg_low_rank(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
+        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI`` solved by CG in float64 (relative residual 1e-6),
+        preconditioned by the closed-form inverse of ``e Ā_r⊗Γ̄_r + γI``."""
+        G, A = (_double(s) for s in self.spectra())
+        Gf, Af = (_double(s) for s in self._fresh_spectra())
+
+        def op(X: Tensor) -> Tensor:
+            return (Gf.left(Af.right(X)).mul_(f)
+                    .add_(G.left(A.right(X)), alpha=e).add_(X, alpha=damping))
+
+        X, rel, _ = conjugate_gradient(
+            op, V.double(), lambda R: low_rank_inverse(R, G, A, e, damping),
+            rtol=EXACT_SOLVE_RTOL * 0.5,
+        )
+        self.last_residual = rel
+        if rel > EXACT_SOLVE_RTOL:
+            raise CurvatureError(
+                f"q_solve='exact' did not reach relative residual {EXACT_SOLVE_RTOL:g} for "
+                f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
+            )
+        return X.to(V.dtype)
+
     def matvec(self, V: Tensor, damping: float, ea_scale: float, fresh_scale: float) -> Tensor:
-        """``(e Ā⊗Γ̄ + f A⊗Γ + γI) vec(V)`` as a matrix."""
+        """``(e Ā⊗Γ̄ + f A⊗Γ + γI) vec(V)`` as a matrix (the truncated factors with a rank)."""
+        if not self.exact:
+            out = V * damping
+            if ea_scale != 0.0:
+                G, A = self.spectra()
+                out = out.add_(G.left(A.right(V)), alpha=ea_scale)
+            if fresh_scale != 0.0:
+                G, A = self._fresh_spectra()
+                out = out.add_(G.left(A.right(V)), alpha=fresh_scale)
+            return out
         if ea_scale == 0.0:  # fresh term only (QE's B_k on refresh steps)
             out = V * damping
         else:
@@ -173,5 +345,18 @@ class KroneckerFactors:
     def load_state_dict(self, state: dict[str, Tensor], device: torch.device) -> None:
         for k in self.KEYS:
             setattr(self, k, state[k].to(device) if k in state else None)
+        if self.evecs_A is not None and self.tail_A is None:  # saved before low rank existed
+            self.tail_A = self.evecs_A.new_zeros(())
+            self.tail_G = self.evecs_G.new_zeros(())
+        if self.refreshes is not None:
+            self.refreshes = self.refreshes.cpu()
         self._cache = {}
         self.drop_fresh()
+
+
+def _whole(vecs: Tensor) -> bool:
+    return vecs.shape[0] == vecs.shape[1]
+
+
+def _double(s: Spectrum) -> Spectrum:
+    return Spectrum(s.vals.double(), s.vecs.double(), s.tail.double())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -70,24 +70,26 @@ def _eig(sym: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, Tensor]:
 
 
 def conjugate_gradient(
-    matvec,
+    matvec: Callable[[Tensor], Tensor],
     rhs: Tensor,
-    precond: Tensor,
+    precond: Tensor | Callable[[Tensor], Tensor],
     *,
     rtol: float = 1e-6,
     max_iter: int = 200,
 ) -> tuple[Tensor, float, int]:
     """Preconditioned CG for an SPD operator on matrix-shaped vectors.
 
-    ``precond`` is the elementwise inverse diagonal preconditioner. Returns the solution,
-    the final relative residual ``||rhs - A x|| / ||rhs||`` and the iteration count.
+    ``precond`` is the elementwise inverse diagonal preconditioner, or a callable applying
+    an SPD approximation of the inverse. Returns the solution, the final relative residual
+    ``||rhs - A x|| / ||rhs||`` and the iteration count.
     """
-    x = precond * rhs
+    apply = precond if callable(precond) else (lambda r: precond * r)
+    x = apply(rhs)
     r = rhs - matvec(x)
     rhs_norm = torch.linalg.vector_norm(rhs)
     if rhs_norm == 0:
         return torch.zeros_like(rhs), 0.0, 0
-    z = precond * r
+    z = apply(r)
     p = z.clone()
     rz = torch.sum(r * z)
     rel = float(torch.linalg.vector_norm(r) / rhs_norm)
@@ -101,7 +103,7 @@ def conjugate_gradient(
         it += 1
         if rel <= rtol:
             break
-        z = precond * r
+        z = apply(r)
         rz_new = torch.sum(r * z)
         p = z + (rz_new / rz) * p
         rz = rz_new

@@ -78,6 +78,10 @@ class CurvatureOptimizer(Optimizer):
             bias block, ``A = [1]`` and ``Γ`` from the output gradient summed over the
             positions sharing the bias; with ``curvature="dense", dense_scope="layer"``
             the bias gets its own dense block).
+        rank: ``None`` (exact eigendecompositions) or the number of leading eigenpairs kept
+            per Kronecker factor larger than it, from a randomized eigensolver; the
+            discarded spectrum is replaced by its mean (cost quadratic, not cubic, in the
+            width; a rank >= a factor's size is the exact step). See ``docs/theory.md``.
         output: where the likelihood's tensor (logits, or gaussian means) is in the model's
             output, when the model does not return it directly: an ``int`` (index of a
             tuple), a ``str`` (dict key or attribute, e.g. ``"logits"``) or a callable.
@@ -106,6 +110,7 @@ class CurvatureOptimizer(Optimizer):
         curvature: str = "kron",
         dense_scope: str = "model",
         bias: str = "homogeneous",
+        rank: int | None = None,
         output: OutputSelector = None,
         params: Iterable[Any] | None = None,
         seed: int | None = None,
@@ -126,6 +131,8 @@ class CurvatureOptimizer(Optimizer):
         check_choice("curvature", curvature, CURVATURES)
         check_choice("dense_scope", dense_scope, DENSE_SCOPES)
         check_choice("bias", bias, BIAS_MODES)
+        if rank is not None:
+            check_int_at_least("rank", rank, 1)
         if output is not None and not (callable(output) or isinstance(output, (int, str))):
             raise ValueError(
                 f"output must be None, an int, a str or a callable, got {type(output).__name__}"
@@ -153,6 +160,7 @@ class CurvatureOptimizer(Optimizer):
         self.fisher = fisher
         self.likelihood = likelihood
         self.bias = bias
+        self.rank = rank
         self.output = output
         self._params: list[nn.Parameter] = [p for g in self.param_groups for p in g["params"]]
         self._group_of: list[int] = [
@@ -175,6 +183,7 @@ class CurvatureOptimizer(Optimizer):
             curvature=curvature,
             dense_scope=dense_scope,
             bias=bias,
+            rank=rank,
             generator=self.generator,
             output=output,
         )

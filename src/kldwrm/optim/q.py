@@ -30,6 +30,10 @@ class QKLDWRM(CurvatureOptimizer):
     (CG in the eigenbasis, relative residual <= 1e-6) or ``"augmented"`` (the released
     code's ``(Ā + A/λ)⊗(Γ̄ + Γ/λ) + γI``).
 
+    With ``rank`` (truncated factors, no complete eigenbasis) every step takes the
+    parameter-coordinate path of the refresh steps: one low-rank solve and one low-rank
+    product per block, each quadratic in the width.
+
     State per tensor: ``wake`` = ``ĝ_k - g_k + λ_k F̄_k s_k`` and ``prev_lr`` = ``1/λ_k``,
     from which ``ĝ_{k+1}`` follows exactly; this is one vector fewer than storing ``ĝ``
     and ``g_{k-1}`` separately. ``wake`` is kept in the eigenbasis of the current ``F̄``
@@ -93,12 +97,20 @@ class QKLDWRM(CurvatureOptimizer):
             for p, w in zip(self._params, change_basis(wake), strict=True):
                 self.state[p]["wake"] = w
 
+    def _in_eigenbasis(self) -> bool:
+        """Whether the wake is kept in the eigenbasis of ``F̄``: unless some block keeps a
+        truncated basis (``rank``), where parameter coordinates are used throughout."""
+        return self.engine.diagonalizable()
+
     def _before_fold(self):
         """The basis is about to change: bring the wake back to parameter coordinates."""
-        self._map_wake(self.engine.from_eigenbasis)
+        if self._in_eigenbasis():
+            self._map_wake(self.engine.from_eigenbasis)
 
     def _direction(self, g, refresh):
-        if refresh:  # F_k is not diagonal in the basis of F̄: parameter coordinates
+        if refresh or not self._in_eigenbasis():
+            # F_k is not diagonal in the basis of F̄ (and with a rank there is no complete
+            # basis): parameter coordinates
             ghat = self._ghat(g, self._wake())
             self._step_vectors = (g, ghat, None)
             return self.engine.solve(ghat, self._system(refresh), self.q_solve), ghat
@@ -128,7 +140,7 @@ class QKLDWRM(CurvatureOptimizer):
         torch._foreach_mul_(fs, [1.0 / lr for lr in lrs])
         wake = list(torch._foreach_sub(ghat_b, g_b))
         torch._foreach_add_(wake, fs)
-        if x_t is None:
+        if x_t is None and self._in_eigenbasis():
             wake = self.engine.to_eigenbasis(wake)  # into the new basis
         for p, w, lr in zip(self._params, wake, lrs, strict=True):
             st = self.state[p]
@@ -158,5 +170,5 @@ class QKLDWRM(CurvatureOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = int(state_dict.get("kldwrm", {}).get("version", 1))
         super().load_state_dict(state_dict)
-        if version < 2:  # kldwrm 0.1 kept the wake in parameter coordinates
+        if version < 2 and self._in_eigenbasis():  # kldwrm 0.1: parameter coordinates
             self._map_wake(self.engine.to_eigenbasis)
