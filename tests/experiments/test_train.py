@@ -25,12 +25,16 @@ from kldwrm.experiments.reproduce import (
 )
 from kldwrm.experiments.train import (
     METRIC_FIELDS,
+    CheckpointError,
     ConfigMismatchError,
+    InvalidRunError,
     TrainCallback,
     TrainConfig,
     checkpoint_status,
     read_metrics,
+    run_is_finished,
     train,
+    validate_config,
 )
 
 HAS_KFAC = hasattr(kldwrm, "make_optimizer") and "kfac" in getattr(kldwrm, "OPTIMIZERS", ())
@@ -187,6 +191,115 @@ def test_resume_with_other_settings_is_refused(tmp_path, small):
         train(other, tmp_path, data=small, resume=True)
     with pytest.raises(ConfigMismatchError):
         checkpoint_status(tmp_path, other)
+
+
+class _Notices(TrainCallback):
+    def __init__(self) -> None:
+        self.notices: list[str] = []
+
+    def on_notice(self, message: str) -> None:
+        self.notices.append(message)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_damaged_checkpoint_is_replaced_by_the_previous_one(tmp_path, small, uninterrupted):
+    train(_config(2), tmp_path, data=small)
+    prev = torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)
+    assert (prev["epoch"], prev["batch"]) == (1, 0)  # kept when epoch 2 was saved
+    _truncate(tmp_path / "checkpoint.pt")
+    assert checkpoint_status(tmp_path, _config(2)) == "partial"  # through the previous one
+    assert run_is_finished(tmp_path, 1) and not run_is_finished(tmp_path, 2)
+    cb = _Notices()
+    resumed = train(_config(2), tmp_path, data=small, resume=True, callback=cb)
+    assert len(cb.notices) == 1
+    assert "checkpoint.pt is damaged" in cb.notices[0]
+    assert f"resuming from {tmp_path / 'checkpoint.prev.pt'}" in cb.notices[0]
+    assert resumed.finished and resumed.checkpoint == tmp_path / "checkpoint.pt"
+    assert _exact(resumed.metrics) == _exact(uninterrupted.metrics)
+    a = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(uninterrupted.out_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_checkpoint_without_a_previous_one_stops_the_resume(tmp_path, small):
+    train(_config(1, subset=512), tmp_path, data=small)
+    assert not (tmp_path / "checkpoint.prev.pt").exists()
+    _truncate(tmp_path / "checkpoint.pt")
+    damaged = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="no previous checkpoint") as exc:
+        train(_config(1, subset=512), tmp_path, data=small, resume=True)
+    assert exc.value.path == tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="delete it to start the run over"):
+        checkpoint_status(tmp_path, _config(1, subset=512))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == damaged
+    # starting over replaces the damaged file without keeping it as the previous one
+    res = train(_config(1, subset=512), tmp_path, data=small)
+    assert res.finished and not (tmp_path / "checkpoint.prev.pt").exists()
+    torch.save({"not": "a checkpoint"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="not a kldwrm training checkpoint"):
+        checkpoint_status(tmp_path, _config(1, subset=512))
+
+
+def test_the_default_notice_is_a_warning():
+    with pytest.warns(UserWarning, match="resuming"):
+        TrainCallback().on_notice("checkpoint.pt is damaged; resuming from ...")
+
+
+def test_a_second_ctrl_c_inside_a_step_stops_without_saving(tmp_path, small):
+    from kldwrm import make_optimizer
+
+    def factory(name, model, **kw):
+        opt = make_optimizer(name, model, **kw)
+        real_step, calls = opt.step, [0]
+
+        def step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:  # Ctrl-C twice while the third step runs
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_step(*args, **kwargs)
+
+        opt.step = step
+        return opt
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    res = train(_config(2), tmp_path, data=small, optimizer_factory=factory)
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert res.interrupted and not res.finished and res.checkpoint is None
+    assert not (tmp_path / "checkpoint.pt").exists()  # a half-done step is not saved
+    assert read_metrics(tmp_path / "metrics.csv") == []
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (dict(optimizer_kwargs=dict(lr=-1.0)), "lr"),
+        (dict(optimizer_kwargs=dict(window=3)), "'window'"),
+        (dict(model="nosuch:thing"), "nosuch"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(epochs=-1), "epochs"),
+        (dict(subset=0), "subset"),
+    ],
+)
+def test_invalid_runs_are_refused_before_they_start(tmp_path, change, says):
+    config = replace(_config(1), **change)
+    rng = torch.get_rng_state()
+    with pytest.raises(InvalidRunError, match=says):
+        validate_config(config)
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(InvalidRunError, match=says):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_validate_config_leaves_the_global_rng_alone():
+    rng = torch.get_rng_state()
+    validate_config(_config(1))
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_regression_training(tmp_path):

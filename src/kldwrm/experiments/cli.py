@@ -1,6 +1,10 @@
 """Command line interface: ``kldwrm {train,compare,reproduce,report}``.
 
-This is the only module of the package that prints.
+This is the only module of the package that prints. Bad input is answered like a
+command-line tool: argparse's usage errors, or one ``kldwrm: error: ...`` line on stderr for
+what is found later (an invalid hyperparameter, model or seed list, a damaged checkpoint,
+missing data), with exit status 2 and no traceback; a traceback means a bug. Under
+``torchrun`` every rank reports its own error and exits 1.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+__all__ = ["CliError", "build_parser", "main"]
 
 _OPTIMIZERS = ("sgd", "adam", "kfac", "so", "q", "qe")
+
+
+class CliError(Exception):
+    """Bad command-line input found after parsing; printed as one ``kldwrm: error:`` line."""
 
 
 def _opt_float(text: str) -> float | None:
@@ -34,21 +43,59 @@ def _fraction(text: str) -> float:
     return float(text)
 
 
+def _int_at_least(least: int) -> Any:
+    """An argparse type: an integer >= ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def _seeds(values: Sequence[str]) -> list[int]:
-    """Seeds from '0-9', '0,1,2' or '3 4 5'."""
+    """Seeds from '0-9', '0,1,2' or '3 4 5' (:class:`CliError` when malformed)."""
     out: list[int] = []
     for v in values:
         for part in v.split(","):
             part = part.strip()
             if not part:
                 continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
+            lo, dash, hi = part.partition("-")
+            try:
+                first, last = int(lo), int(hi if dash else lo)
+            except ValueError:
+                raise CliError(
+                    f"argument --seeds: invalid seed {part!r} (write e.g. 0-9, 0,1,2 or 0 1 2)"
+                ) from None
+            if first < 0 or last < first:
+                raise CliError(
+                    f"argument --seeds: invalid range {part!r} (seeds are integers >= 0, "
+                    "ranges are low-high)"
+                )
+            out.extend(range(first, last + 1))
     if not out:
-        raise argparse.ArgumentTypeError("no seeds given")
+        raise CliError("argument --seeds: no seeds given")
     return out
 
 
@@ -60,13 +107,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--data-dir", default=None, help="directory with the IDX .gz files (searched first)"
     )
     p.add_argument(
-        "--subset", type=int, default=None, help="use only the first N training examples"
+        "--subset", type=_positive_int, default=None, help="use only the first N training examples"
     )
-    p.add_argument("--batch-size", type=int, default=512, help="mini-batch size (default 512)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=512, help="mini-batch size (default 512)"
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="torch threads (per worker for sweeps; default: split the CPUs)",
     )
@@ -159,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--optimizer", default="kfac", choices=_OPTIMIZERS)
     _add_hyperparameters(p)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument(
         "--out",
         default=None,
@@ -169,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument(
         "--dist-timeout",
-        type=float,
+        type=_positive_float,
         default=600.0,
         help="under torchrun: seconds after which a collective waiting for a dead or hung "
         "rank fails, so every rank exits non-zero (default 600); --batch-size is the "
@@ -182,16 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="paper-cnn")
     p.add_argument("--optimizers", nargs="+", default=list(_OPTIMIZERS), choices=_OPTIMIZERS)
     p.add_argument("--seeds", nargs="+", default=["0"], help="e.g. 0-2 or 0 1 2 (default 0)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPUs)")
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument(
+        "--workers", type=_positive_int, default=None, help="parallel runs (default: CPUs)"
+    )
     p.add_argument("--out", default="runs/compare")
+    p.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the step-time check after the runs (about 15-30 s: every optimizer timed "
+        "in this process, interleaved)",
+    )
 
     p = sub.add_parser("reproduce", help="the paper's Table 1 protocol")
     _add_common(p)
     p.add_argument("--solvers", nargs="+", default=["kfac", "so", "q", "qe"], choices=_OPTIMIZERS)
     p.add_argument("--seeds", nargs="+", default=["0-9"], help="default 0-9")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPUs)")
+    p.add_argument("--epochs", type=_positive_int, default=50)
+    p.add_argument(
+        "--workers", type=_positive_int, default=None, help="parallel runs (default: CPUs)"
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -238,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-paper", dest="paper", action="store_false")
     p.add_argument(
         "--epoch",
-        type=int,
+        type=_positive_int,
         default=None,
         help="take the tables at this epoch (default: the last epoch any run reached)",
     )
@@ -293,6 +352,8 @@ class _SweepProgress:
             )
         elif kind == "failed":
             self.write(f"{ev['solver']} seed {ev['seed']}: FAILED: {ev.get('error')}")
+        elif kind == "notice":
+            self.write(f"kldwrm: warning: {ev['solver']} seed {ev['seed']}: {ev['message']}")
 
     def write(self, text: str) -> None:
         self.tqdm.write(text, file=sys.stderr)
@@ -330,10 +391,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return status
 
 
-def _train_one(args: argparse.Namespace, quiet: bool = False) -> int:
-    from tqdm import tqdm
+class _TrainProgress:
+    """``kldwrm train``'s callback: a tqdm bar per epoch, one line per finished epoch.
 
-    from .train import CHECKPOINT_NAME, TrainCallback, TrainConfig, train
+    It has :class:`~kldwrm.experiments.train.TrainCallback`'s methods without deriving
+    from it (that would import torch before :func:`main` has checked the extras).
+    """
+
+    def __init__(self, epochs: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.tqdm, self.epochs, self.enabled = tqdm, epochs, enabled
+        self.bar: Any = None
+
+    def on_epoch_start(self, epoch: int, num_batches: int, start_batch: int) -> None:
+        self.bar = self.tqdm(
+            total=num_batches,
+            initial=start_batch,
+            unit="batch",
+            desc=f"epoch {epoch}/{self.epochs}",
+            leave=False,
+            disable=not self.enabled,
+            dynamic_ncols=True,
+        )
+
+    def on_step(self, epoch: int, batch: int, loss: float, acc: float) -> None:
+        self.bar.update(batch - self.bar.n)
+        post = f"loss {loss:.4f}" + ("" if math.isnan(acc) else f" acc {100 * acc:.2f}%")
+        self.bar.set_postfix_str(post, refresh=False)
+
+    def on_notice(self, message: str) -> None:
+        self.tqdm.write(f"kldwrm: warning: {message}", file=sys.stderr)
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        self.close()
+        acc = (
+            ""
+            if math.isnan(row["test_acc"])
+            else f"  train acc {100 * row['train_acc']:.2f}%  test acc {100 * row['test_acc']:.2f}%"
+        )
+        self.tqdm.write(
+            f"epoch {int(row['epoch'])}: train loss {row['train_loss']:.4f}  "
+            f"test loss {row['test_loss']:.4f}{acc}  "
+            f"{row['mean_step_ms']:.1f} ms/step  {row['wall_time_s']:.1f} s"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    """The :class:`~kldwrm.experiments.train.TrainConfig` of ``kldwrm train``'s arguments."""
+    from .train import TrainConfig
+
     model = args.model or ("regression-mlp" if args.dataset == "regression" else "paper-cnn")
     hp = {
         k: getattr(args, k) for k in _HP_NAMES if hasattr(args, k) and getattr(args, k) is not None
@@ -344,8 +455,7 @@ def _train_one(args: argparse.Namespace, quiet: bool = False) -> int:
         and args.optimizer not in ("sgd", "adam")
     ):
         hp["likelihood"] = "gaussian"
-    out = Path(args.out or Path("runs/train") / args.dataset / args.optimizer / f"seed{args.seed}")
-    config = TrainConfig(
+    return TrainConfig(
         dataset=args.dataset,
         model=model,
         optimizer=args.optimizer,
@@ -358,114 +468,56 @@ def _train_one(args: argparse.Namespace, quiet: bool = False) -> int:
         data_dir=args.data_dir,
         normalize=not args.no_normalize,
     )
+
+
+def _train_one(args: argparse.Namespace, quiet: bool = False) -> int:
+    from .train import CHECKPOINT_NAME, TrainCallback, train, validate_config
+
+    config = _train_config(args)
+    validate_config(config)  # a bad model or hyperparameter: refused before loading data
+    out = Path(args.out or Path("runs/train") / args.dataset / args.optimizer / f"seed{args.seed}")
     if (out / CHECKPOINT_NAME).is_file() and not args.resume and not quiet:
         print(
             f"note: {out} holds a checkpoint; starting over (use --resume to continue)",
             file=sys.stderr,
         )
-
-    class Bar(TrainCallback):
-        def __init__(self) -> None:
-            self.bar: Any = None
-
-        def on_epoch_start(self, epoch: int, num_batches: int, start_batch: int) -> None:
-            self.bar = tqdm(
-                total=num_batches,
-                initial=start_batch,
-                unit="batch",
-                desc=f"epoch {epoch}/{config.epochs}",
-                leave=False,
-                disable=args.no_progress,
-                dynamic_ncols=True,
-            )
-
-        def on_step(self, epoch: int, batch: int, loss: float, acc: float) -> None:
-            self.bar.update(batch - self.bar.n)
-            post = f"loss {loss:.4f}" + ("" if math.isnan(acc) else f" acc {100 * acc:.2f}%")
-            self.bar.set_postfix_str(post, refresh=False)
-
-        def on_epoch_end(self, row: dict[str, float]) -> None:
-            if self.bar is not None:
-                self.bar.close()
-            acc = (
-                ""
-                if math.isnan(row["test_acc"])
-                else (
-                    f"  train acc {100 * row['train_acc']:.2f}%  test acc "
-                    f"{100 * row['test_acc']:.2f}%"
-                )
-            )
-            tqdm.write(
-                f"epoch {int(row['epoch'])}: train loss {row['train_loss']:.4f}  "
-                f"test loss {row['test_loss']:.4f}{acc}  "
-                f"{row['mean_step_ms']:.1f} ms/step  {row['wall_time_s']:.1f} s"
-            )
-
-    cb = Bar() if not quiet else TrainCallback()
-    result = train(config, out, resume=args.resume, callback=cb)
-    if quiet:
+    if quiet:  # another rank than 0 under torchrun
+        result = train(config, out, resume=args.resume, callback=TrainCallback())
         return 130 if result.interrupted else 0
-    if cb.bar is not None:
-        cb.bar.close()
+    progress = _TrainProgress(config.epochs, not args.no_progress)
+    try:
+        result = train(config, out, resume=args.resume, callback=progress)
+    finally:
+        progress.close()
     print(f"metrics: {result.metrics_path}")
     if result.interrupted:
-        print(
-            f"interrupted; checkpoint saved to {result.checkpoint}; rerun with --resume "
-            "to continue",
-            file=sys.stderr,
+        saved = (
+            f"checkpoint saved to {result.checkpoint}; rerun with --resume to continue"
+            if result.checkpoint is not None
+            else "stopped before the first checkpoint; nothing to resume"
         )
+        print(f"interrupted; {saved}", file=sys.stderr)
         return 130
     return 0
 
 
 def _run_sweep_cli(args: argparse.Namespace, options: Any, compare: bool) -> int:
-    from .data import load_dataset
-    from .report import write_report
-    from .reproduce import (
-        launcher_ranks,
-        plan_runs,
-        reproduce,
-        run_sweep,
-        split_cpus,
-        total_steps,
-    )
+    from .reproduce import launcher_ranks, load_sweep_data, plan_runs, reproduce, validate_specs
 
     specs = plan_runs(options)
+    validate_specs(specs)
     rank, world, _ = launcher_ranks()
     if world > 1:
         if compare:
-            print("error: use --workers for compare (torchrun: kldwrm reproduce)", file=sys.stderr)
-            return 2
+            raise CliError("compare runs in parallel with --workers; under torchrun use "
+                           "kldwrm reproduce")
         if rank != 0:  # torchrun: this process runs its share of the runs, silently
             result = reproduce(options)
             failed_any = any(r.status == "failed" for r in result.runs)
             return 130 if result.interrupted else int(failed_any)
         specs = specs[::world]  # rank 0's share, for the progress bar
-    n_train = load_dataset(options.dataset, options.data_dir).x_train.shape[0]
-    workers, threads = split_cpus(len(specs), options.workers, options.threads)
-    print(
-        f"{len(specs)} runs in {options.out}/{options.dataset}; {workers} worker(s) x "
-        f"{threads} thread(s)" + (f" on rank 0 of {world}" if world > 1 else ""),
-        file=sys.stderr,
-    )
-    progress = _SweepProgress(total_steps(specs, n_train), not args.no_progress)
-    from .data import num_batches
-
-    for s in specs:
-        n = min(n_train, s.config.subset) if s.config.subset else n_train
-        progress.set_epochs(
-            (s.solver, s.seed), s.config.epochs, num_batches(n, s.config.batch_size)
-        )
-    try:
-        if compare:
-            result = run_sweep(specs, workers=workers, threads=threads, progress=progress)
-            if not result.interrupted:
-                result.report_dir = Path(options.out) / "report"
-                result.report = write_report(Path(options.out) / options.dataset, result.report_dir)
-        else:
-            result = reproduce(options, progress=progress)
-    finally:
-        progress.close()
+    data = load_sweep_data(options)
+    result = _sweep_with_progress(args, options, specs, data.x_train.shape[0], compare, world)
     failed = [r for r in result.runs if r.status == "failed"]
     for r in failed:
         print(f"FAILED {r.solver} seed {r.seed}: {r.error}", file=sys.stderr)
@@ -480,7 +532,78 @@ def _run_sweep_cli(args: argparse.Namespace, options: Any, compare: bool) -> int
         figs = sorted(result.report_dir.glob(f"{options.dataset}_figure*.png"))
         for f in figs:
             print(f"figure: {f}")
+    if compare and not args.no_timing:
+        bad = {r.solver for r in failed}
+        _print_step_time_check(args, options, [s for s in specs if s.solver not in bad], data)
     return 1 if failed else 0
+
+
+def _sweep_with_progress(
+    args: argparse.Namespace, options: Any, specs: list, n_train: int, compare: bool, world: int
+) -> Any:
+    """Run the sweep (compare: ``run_sweep`` and the report; else ``reproduce``) under a
+    progress bar; returns its :class:`~kldwrm.experiments.reproduce.SweepResult`."""
+    from .data import num_batches
+    from .report import write_report
+    from .reproduce import reproduce, run_sweep, split_cpus, total_steps
+
+    workers, threads = split_cpus(len(specs), options.workers, options.threads)
+    print(
+        f"{len(specs)} runs in {options.out}/{options.dataset}; {workers} worker(s) x "
+        f"{threads} thread(s)" + (f" on rank 0 of {world}" if world > 1 else ""),
+        file=sys.stderr,
+    )
+    progress = _SweepProgress(total_steps(specs, n_train), not args.no_progress)
+    for s in specs:
+        n = min(n_train, s.config.subset) if s.config.subset else n_train
+        progress.set_epochs(
+            (s.solver, s.seed), s.config.epochs, num_batches(n, s.config.batch_size)
+        )
+    try:
+        if not compare:
+            return reproduce(options, progress=progress)
+        result = run_sweep(specs, workers=workers, threads=threads, progress=progress)
+        if not result.interrupted:
+            result.report_dir = Path(options.out) / "report"
+            result.report = write_report(Path(options.out) / options.dataset, result.report_dir)
+        return result
+    finally:
+        progress.close()
+
+
+def _print_step_time_check(
+    args: argparse.Namespace, options: Any, specs: list, data: Any
+) -> None:
+    """Time every compared optimizer in this process, interleaved, and print the table
+    (the workers' own per-epoch step times overlap on shared CPUs)."""
+    import torch
+
+    from .reproduce import compare_hyperparameters
+    from .timing import format_step_times, time_configs
+    from .train import resolve_device
+
+    configs = {}
+    for s in specs:
+        configs.setdefault(s.solver, s.config)
+    if not configs:
+        return
+    if "sgd" not in configs:  # the baseline of the ratios
+        first = next(iter(configs.values()))
+        sgd = replace(first, optimizer="sgd", optimizer_kwargs=compare_hyperparameters("sgd"))
+        configs = {"sgd": sgd, **configs}
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"timing {', '.join(configs)} in one process, interleaved ({threads} thread(s); "
+        "--no-timing skips this)...",
+        file=sys.stderr,
+    )
+    device = resolve_device(options.device)
+    n = options.batch_size
+    x, y = data.x_train[:n].to(device), data.y_train[:n].to(device)
+    times = time_configs(configs, x, y, data.task, threads=threads)
+    what = f"{options.model} on a fixed batch of {x.shape[0]} {options.dataset} examples"
+    print()
+    print(format_step_times(times, threads=threads, what=f"{what} ({device.type})"))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -508,8 +631,6 @@ def _sweep_fields(args: argparse.Namespace) -> dict:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from .reproduce import ReproduceOptions, released
 
     out = args.out or ("runs/reproduce-released" if args.as_released else "runs/reproduce")
@@ -561,8 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from .checkpoint import CheckpointError
     from .data import ChecksumError, DatasetNotFoundError
-    from .train import ConfigMismatchError
+    from .train import ConfigMismatchError, InvalidRunError
 
     args = build_parser().parse_args(argv)
     commands = {
@@ -573,11 +695,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (DatasetNotFoundError, ChecksumError, ConfigMismatchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (
+        CliError,
+        InvalidRunError,  # a bad model, setting or optimizer hyperparameter
+        CheckpointError,  # a damaged checkpoint without a good previous one
+        ConfigMismatchError,
+        DatasetNotFoundError,
+        ChecksumError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"kldwrm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -44,8 +44,15 @@ from typing import Any
 
 import torch
 
-from .data import load_dataset, num_batches
-from .train import TrainCallback, TrainConfig, checkpoint_status, train
+from .data import ChecksumError, TensorData, load_dataset, num_batches
+from .train import (
+    InvalidRunError,
+    TrainCallback,
+    TrainConfig,
+    checkpoint_status,
+    train,
+    validate_config,
+)
 
 __all__ = [
     "COMPARE_OPTIMIZERS",
@@ -55,12 +62,14 @@ __all__ = [
     "RunSpec",
     "SweepResult",
     "compare_hyperparameters",
+    "load_sweep_data",
     "plan_runs",
     "released",
     "reproduce",
     "run_sweep",
     "solver_hyperparameters",
     "split_cpus",
+    "validate_specs",
 ]
 
 PAPER_SOLVERS: tuple[str, ...] = ("kfac", "so", "q", "qe")
@@ -241,6 +250,20 @@ def plan_runs(options: ReproduceOptions) -> list[RunSpec]:
     return specs
 
 
+def validate_specs(specs: Sequence[RunSpec]) -> None:
+    """:func:`~kldwrm.experiments.train.validate_config` of every solver's configuration,
+    so a bad model or hyperparameter stops a sweep before it starts.
+
+    Raises:
+        InvalidRunError: the first problem found.
+    """
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.solver not in seen:  # the runs of a solver differ only in their seed
+            seen.add(spec.solver)
+            validate_config(spec.config)
+
+
 # ----------------------------------------------------------------------------- workers
 
 Event = dict[str, Any]
@@ -300,6 +323,9 @@ class _EventCallback(TrainCallback):
     def on_epoch_end(self, row: dict[str, float]) -> None:
         self.emit({**self._base(), "kind": "epoch_end", "epoch": int(row["epoch"]), "row": row})
 
+    def on_notice(self, message: str) -> None:
+        self.emit({**self._base(), "kind": "notice", "message": message})
+
 
 def _execute(spec: RunSpec, emit: Callable[[Event], None], stop: Any) -> RunResult:
     status = checkpoint_status(spec.out_dir, spec.config)
@@ -349,7 +375,7 @@ def run_sweep(
 
     With one worker the runs execute in this process (``threads`` applied for the duration
     of the sweep); otherwise in a ``spawn`` process pool. ``progress`` receives event
-    dicts (``kind``: skip, start, epoch_start, step, epoch_end, done, failed).
+    dicts (``kind``: skip, start, epoch_start, step, epoch_end, notice, done, failed).
     """
     emit = progress or (lambda event: None)
     workers, threads = split_cpus(len(specs), workers, threads)
@@ -446,10 +472,11 @@ def reproduce(options: ReproduceOptions, progress: ProgressFn | None = None) -> 
     """
     from .report import write_report
 
+    specs = plan_runs(options)
+    validate_specs(specs)
     if options.dataset != "regression":
         # fail early (clear "where to put the files" error) and warm the cache in-process
-        load_dataset(options.dataset, options.data_dir, download=True)
-    specs = plan_runs(options)
+        load_sweep_data(options)
     rank, world, local_world = launcher_ranks()
     if world > 1:  # under torchrun: one run at a time per process, the runs dealt round-robin
         cpus = os.cpu_count() or 1
@@ -467,6 +494,17 @@ def reproduce(options: ReproduceOptions, progress: ProgressFn | None = None) -> 
     result.report = write_report(Path(options.out) / options.dataset, report_dir)
     result.report_dir = report_dir
     return result
+
+
+def load_sweep_data(options: ReproduceOptions, download: bool = True) -> TensorData:
+    """The sweep's data set as its runs see it (an unknown name raises
+    :class:`~kldwrm.experiments.train.InvalidRunError`)."""
+    try:
+        return load_dataset(options.dataset, options.data_dir, download=download)
+    except ChecksumError:
+        raise
+    except ValueError as exc:
+        raise InvalidRunError(str(exc)) from exc
 
 
 def launcher_ranks() -> tuple[int, int, int]:

@@ -164,6 +164,13 @@ def _sample(x: Sequence[float], name: str, min_n: int) -> np.ndarray:
     return arr
 
 
+def _samples(
+    a: Sequence[float], b: Sequence[float], min_n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Groups ``a`` and ``b`` checked by :func:`_sample`."""
+    return _sample(a, "a", min_n), _sample(b, "b", min_n)
+
+
 # --------------------------------------------------------------------------- difference of means
 
 
@@ -184,7 +191,7 @@ class WelchTest:
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchTest:
     """Welch's two-sided t-test of equal means (see :class:`WelchTest`); n ≥ 2 per group."""
-    xa, xb = _sample(a, "a", 2), _sample(b, "b", 2)
+    xa, xb = _samples(a, b, 2)
     va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
     diff = float(xb.mean() - xa.mean())
     if va + vb == 0.0:
@@ -221,21 +228,24 @@ def _subsets(n: int, k: int) -> np.ndarray:
     return out
 
 
+def _abs_mean_diffs(sums: np.ndarray, k: int, pooled: np.ndarray) -> np.ndarray:
+    """``|mean(subset) − mean(rest)|`` of ``k``-subsets of ``pooled`` from their ``sums``."""
+    n, total = pooled.size, pooled.sum()
+    return np.abs(sums / k - (total - sums) / (n - k))
+
+
 def _abs_diffs_exact(pooled: np.ndarray, k: int) -> np.ndarray:
     """``|mean(subset) − mean(rest)|`` for every ``k``-subset of ``pooled``."""
-    n, total = pooled.size, pooled.sum()
-    sums = pooled[_subsets(n, k)].sum(axis=1)
-    return np.abs(sums / k - (total - sums) / (n - k))
+    return _abs_mean_diffs(pooled[_subsets(pooled.size, k)].sum(axis=1), k, pooled)
 
 
 def _abs_diffs_random(pooled: np.ndarray, k: int, count: int, seed: int) -> np.ndarray:
     """``|mean(first k) − mean(rest)|`` for ``count`` seeded random permutations."""
     rng = np.random.default_rng(seed)
-    n, total, out = pooled.size, pooled.sum(), []
+    out = []
     for start in range(0, count, _CHUNK):
         batch = rng.permuted(np.tile(pooled, (min(_CHUNK, count - start), 1)), axis=1)
-        sums = batch[:, :k].sum(axis=1)
-        out.append(np.abs(sums / k - (total - sums) / (n - k)))
+        out.append(_abs_mean_diffs(batch[:, :k].sum(axis=1), k, pooled))
     return np.concatenate(out)
 
 
@@ -253,7 +263,7 @@ def permutation_test(
     Monte-Carlo with ``resamples`` relabelings from ``numpy.random.default_rng(seed)``.
     Ties are counted with a tolerance of ``1e-9 · max|x|`` against rounding.
     """
-    xa, xb = _sample(a, "a", 1), _sample(b, "b", 1)
+    xa, xb = _samples(a, b, 1)
     pooled, k = np.concatenate([xa, xb]), min(xa.size, xb.size)
     diff = float(xb.mean() - xa.mean())
     threshold = abs(diff) - 1e-9 * float(np.abs(pooled).max())
@@ -295,7 +305,7 @@ def bootstrap_diff_ci(
     (``numpy.random.default_rng``); n ≥ 1 per group."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    xa, xb = _sample(a, "a", 1), _sample(b, "b", 1)
+    xa, xb = _samples(a, b, 1)
     rng = np.random.default_rng(seed)
     ma = xa[rng.integers(0, xa.size, size=(resamples, xa.size))].mean(axis=1)
     mb = xb[rng.integers(0, xb.size, size=(resamples, xb.size))].mean(axis=1)
@@ -322,7 +332,7 @@ class FTest:
 
 def f_test(a: Sequence[float], b: Sequence[float]) -> FTest:
     """F-test of ``s²_B / s²_A = 1`` (see :class:`FTest`); n ≥ 2 per group."""
-    xa, xb = _sample(a, "a", 2), _sample(b, "b", 2)
+    xa, xb = _samples(a, b, 2)
     va, vb = float(xa.var(ddof=1)), float(xb.var(ddof=1))
     d1, d2 = xb.size - 1, xa.size - 1
     if va == 0.0 or vb == 0.0:
@@ -351,7 +361,7 @@ class BrownForsytheTest:
 
 def brown_forsythe(a: Sequence[float], b: Sequence[float]) -> BrownForsytheTest:
     """Brown–Forsythe test (see :class:`BrownForsytheTest`); n ≥ 2 per group."""
-    groups = [np.abs(x - np.median(x)) for x in (_sample(a, "a", 2), _sample(b, "b", 2))]
+    groups = [np.abs(x - np.median(x)) for x in _samples(a, b, 2)]
     n = sum(z.size for z in groups)
     grand = float(np.concatenate(groups).mean())
     between = sum(z.size * (z.mean() - grand) ** 2 for z in groups)
@@ -403,7 +413,7 @@ def compare(
     ``seed`` seeds the bootstrap and, when the permutation test is not exact, its
     Monte-Carlo relabelings, so the result is reproducible.
     """
-    xa, xb = _sample(a, "a", 2), _sample(b, "b", 2)
+    xa, xb = _samples(a, b, 2)
     return Comparison(
         n_a=xa.size,
         n_b=xb.size,

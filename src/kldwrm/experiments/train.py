@@ -2,9 +2,10 @@
 
 One run lives in one directory::
 
-    <out_dir>/config.json      the run's configuration (informational)
-    <out_dir>/metrics.csv      one row per finished epoch (:data:`METRIC_FIELDS`)
-    <out_dir>/checkpoint.pt    model, optimizer and RNG states after the last finished step
+    <out_dir>/config.json          the run's configuration (informational)
+    <out_dir>/metrics.csv          one row per finished epoch (:data:`METRIC_FIELDS`)
+    <out_dir>/checkpoint.pt        model, optimizer and RNG states after the last finished step
+    <out_dir>/checkpoint.prev.pt   the checkpoint before it (see :mod:`.checkpoint`)
 
 The checkpoint holds only tensors, dicts, lists, numbers and strings, so
 ``torch.load(path, weights_only=True)`` reads it. It is written atomically (temporary file +
@@ -13,7 +14,8 @@ callback raising :class:`KeyboardInterrupt`), also in the middle of an epoch: it
 position inside the epoch, the data-order generator state at the start of the epoch, the
 global torch RNG state (dropout) and the optimizer state, so ``train(..., resume=True)``
 continues exactly where the run stopped and reproduces the losses and accuracies of an
-uninterrupted run (only the timings differ).
+uninterrupted run (only the timings differ). A damaged ``checkpoint.pt`` is replaced by the
+previous one (the callback's :meth:`TrainCallback.on_notice` says so).
 
 Under ``torchrun`` (a process group initialised, e.g. by
 :func:`kldwrm.distributed.init_from_env`) the model is wrapped in
@@ -24,7 +26,10 @@ batch, and only rank 0 writes ``metrics.csv``, ``config.json`` and the checkpoin
 also holds every rank's RNG states; it resumes with the same number of ranks. See
 ``docs/distributed.md``.
 
-The library never prints; progress is reported through :class:`TrainCallback`.
+The pieces: :class:`RunState` (where a run stands), ``_Session`` (one call of
+:func:`train`: setup, restore, save, the epoch loop, the evaluation of both test views) and
+:mod:`.checkpoint` (the files). The library never prints; progress is reported through
+:class:`TrainCallback`.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
+import re
 import signal
-import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -49,14 +56,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as kdist
-from .data import TensorData, iterate_batches, load_dataset, num_batches
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    PREVIOUS_CHECKPOINT_NAME,
+    CheckpointError,
+    CheckpointFiles,
+    LoadedCheckpoint,
+    atomic_write,
+    load_checkpoint,
+    load_latest,
+)
+from .data import ChecksumError, TensorData, iterate_batches, load_dataset, num_batches
 from .models import build_model
 
 __all__ = [
     "CHECKPOINT_NAME",
     "METRICS_NAME",
     "METRIC_FIELDS",
+    "PREVIOUS_CHECKPOINT_NAME",
+    "CheckpointError",
     "ConfigMismatchError",
+    "EpochSums",
+    "InvalidRunError",
+    "RunState",
     "TrainCallback",
     "TrainConfig",
     "TrainResult",
@@ -68,6 +90,7 @@ __all__ = [
     "resolve_device",
     "run_is_finished",
     "train",
+    "validate_config",
 ]
 
 METRIC_FIELDS: tuple[str, ...] = (
@@ -82,7 +105,6 @@ METRIC_FIELDS: tuple[str, ...] = (
     "mean_step_ms",
 )
 METRICS_NAME = "metrics.csv"
-CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
 _FORMAT = 1
 
@@ -129,7 +151,7 @@ class TrainConfig:
 
 
 class TrainCallback:
-    """Progress hooks (all no-ops by default). Raising KeyboardInterrupt stops the run."""
+    """Progress hooks (no-ops by default). Raising KeyboardInterrupt stops the run."""
 
     def on_epoch_start(self, epoch: int, num_batches: int, start_batch: int) -> None:
         """Called before the first (or, when resuming, the next) batch of ``epoch``."""
@@ -139,6 +161,11 @@ class TrainCallback:
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
         """Called with the epoch's metrics row once it is written."""
+
+    def on_notice(self, message: str) -> None:
+        """A one-line message for the user, e.g. that a damaged checkpoint was replaced by
+        the previous one (default: a :class:`UserWarning`)."""
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 @dataclass
@@ -155,6 +182,17 @@ class TrainResult:
     def metrics_path(self) -> Path:
         """Path of the metrics CSV."""
         return self.out_dir / METRICS_NAME
+
+
+class ConfigMismatchError(ValueError):
+    """A run directory holds a run with different settings than the one requested."""
+
+
+class InvalidRunError(ValueError):
+    """A run cannot start: a bad setting, model specification or optimizer hyperparameter.
+
+    The message is one line meant for the user (the library's own ``ValueError`` text).
+    """
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -180,23 +218,6 @@ def get_optimizer_factory() -> OptimizerFactory:
     return factory
 
 
-def _atomic_write_bytes(path: Path, writer: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     def writer(fh: Any) -> None:
         w = csv.DictWriter(fh, fieldnames=list(METRIC_FIELDS))
@@ -204,7 +225,7 @@ def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
         for row in rows:
             w.writerow({k: repr(row[k]) if isinstance(row[k], float) else row[k] for k in row})
 
-    _atomic_write_bytes(path, writer, mode="w")
+    atomic_write(path, writer, text=True)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
@@ -221,22 +242,18 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float]]:
     return rows
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`train` (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def run_is_finished(out_dir: str | os.PathLike[str], epochs: int) -> bool:
-    """Whether the run in ``out_dir`` has completed at least ``epochs`` epochs."""
-    ckpt = Path(out_dir) / CHECKPOINT_NAME
-    if not ckpt.is_file():
-        return False
-    state = load_checkpoint(ckpt)
+def _is_finished(state: Mapping[str, Any], epochs: int) -> bool:
     return int(state.get("epoch", 0)) >= epochs and int(state.get("batch", 0)) == 0
 
 
-class ConfigMismatchError(ValueError):
-    """A run directory holds a run with different settings than the one requested."""
+def run_is_finished(out_dir: str | os.PathLike[str], epochs: int) -> bool:
+    """Whether the run in ``out_dir`` has completed at least ``epochs`` epochs.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged and there is no previous one.
+    """
+    loaded = load_latest(out_dir)
+    return loaded is not None and _is_finished(loaded.state, epochs)
 
 
 #: Settings that may differ between a checkpoint and a resumed run.
@@ -260,21 +277,21 @@ def _check_same_run(saved: Mapping[str, Any], config: TrainConfig, where: Path) 
 def checkpoint_status(out_dir: str | os.PathLike[str], config: TrainConfig) -> str:
     """``"missing"``, ``"partial"`` or ``"finished"`` (``config.epochs`` reached).
 
-    A run directory kept without its checkpoint (an archived study keeps only
-    ``metrics.csv`` and ``config.json``) is ``"finished"`` when its ``config.json`` is this
-    configuration and its metrics reach ``config.epochs``.
+    A damaged ``checkpoint.pt`` counts through the previous checkpoint (which a resumed
+    run falls back on). A run directory kept without its checkpoint (an archived study
+    keeps only ``metrics.csv`` and ``config.json``) is ``"finished"`` when its
+    ``config.json`` is this configuration and its metrics reach ``config.epochs``.
 
     Raises:
         ConfigMismatchError: the checkpoint (or the archived configuration) was written for
             different settings.
+        CheckpointError: the checkpoint is damaged and there is no previous one.
     """
-    ckpt = Path(out_dir) / CHECKPOINT_NAME
-    if not ckpt.is_file():
+    loaded = load_latest(out_dir)
+    if loaded is None:
         return _archived_status(Path(out_dir), config)
-    state = load_checkpoint(ckpt)
-    _check_same_run(state.get("config", {}), config, ckpt)
-    done = int(state.get("epoch", 0)) >= config.epochs and int(state.get("batch", 0)) == 0
-    return "finished" if done else "partial"
+    _check_same_run(loaded.state.get("config", {}), config, loaded.path)
+    return "finished" if _is_finished(loaded.state, config.epochs) else "partial"
 
 
 def _archived_status(out_dir: Path, config: TrainConfig) -> str:
@@ -319,11 +336,197 @@ def evaluate(
     return total / n, acc
 
 
-class _Stop:
-    """Set by the SIGINT handler: stop at the next step boundary."""
+# ----------------------------------------------------------------------------- setup
 
-    def __init__(self) -> None:
+
+def _check_settings(config: TrainConfig) -> None:
+    """The numeric settings that no model or optimizer could make sense of."""
+    checks = (
+        ("epochs", config.epochs, 0),
+        ("batch_size", config.batch_size, 1),
+        ("eval_batch_size", config.eval_batch_size, 1),
+        ("subset", 1 if config.subset is None else config.subset, 1),
+    )
+    for name, value, least in checks:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise InvalidRunError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _build_model(config: TrainConfig) -> nn.Module:
+    """``config.model`` built with ``config.model_kwargs`` (a bad specification raises
+    :class:`InvalidRunError`)."""
+    try:
+        return build_model(config.model, **config.model_kwargs)
+    except ValueError as exc:
+        raise InvalidRunError(str(exc)) from exc
+
+
+def _build_optimizer(
+    config: TrainConfig, net: nn.Module, factory: OptimizerFactory
+) -> torch.optim.Optimizer:
+    """``config.optimizer`` for ``net`` (a bad hyperparameter raises
+    :class:`InvalidRunError` with the optimizer's own message)."""
+    name = config.optimizer
+    try:
+        return factory(name, net, **config.optimizer_kwargs)
+    except ValueError as exc:
+        raise InvalidRunError(f"optimizer {name!r}: {exc}") from exc
+    except TypeError as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown is None:
+            raise
+        raise InvalidRunError(
+            f"optimizer {name!r} has no hyperparameter {unknown.group(1)!r}"
+        ) from exc
+
+
+def validate_config(config: TrainConfig, optimizer_factory: OptimizerFactory | None = None) -> None:
+    """Check ``config`` without training: its settings, model and optimizer hyperparameters.
+
+    Builds the model and the optimizer once on the CPU (the global RNG state is restored),
+    so a bad run is refused in milliseconds, before any data is loaded.
+
+    Raises:
+        InvalidRunError: what is wrong, in one line.
+    """
+    _check_settings(config)
+    factory = optimizer_factory or get_optimizer_factory()
+    with torch.random.fork_rng(devices=[]):
+        _build_optimizer(config, _build_model(config), factory)
+
+
+def _load_data(config: TrainConfig) -> TensorData:
+    """The run's data set (an unknown name raises :class:`InvalidRunError`)."""
+    try:
+        return load_dataset(
+            config.dataset, config.data_dir, normalize=config.normalize, subset=config.subset
+        )
+    except ChecksumError:
+        raise
+    except ValueError as exc:
+        raise InvalidRunError(str(exc)) from exc
+
+
+@dataclass
+class _Tensors:
+    """The data of a run, on the run's device."""
+
+    task: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_raw: torch.Tensor | None  # the test inputs on the files' own scale
+
+
+def _prepare_data(config: TrainConfig, data: TensorData | None, device: torch.device) -> _Tensors:
+    if data is None:
+        data = _load_data(config)
+    elif config.subset is not None and data.x_train.shape[0] > config.subset:
+        data = replace(data, x_train=data.x_train[: config.subset],
+                       y_train=data.y_train[: config.subset])
+    return _Tensors(
+        data.task,
+        data.x_train.to(device),
+        data.y_train.to(device),
+        data.x_test.to(device),
+        data.y_test.to(device),
+        None if data.x_test_raw is None else data.x_test_raw.to(device),
+    )
+
+
+def _placement(config: TrainConfig) -> tuple[torch.device, int, int]:
+    """``(device, world size, rank)`` of this process."""
+    device = resolve_device(config.device)
+    world, rank = kdist.world_size(), kdist.rank()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if config.batch_size % world:
+        raise InvalidRunError(
+            f"batch_size {config.batch_size} is the global batch and must be a multiple of "
+            f"the number of ranks ({world})"
+        )
+    return device, world, rank
+
+
+def _build(
+    config: TrainConfig, device: torch.device, world: int, rank: int, factory: OptimizerFactory
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """``(model, net, optimizer)``; ``net`` is what batches go through (DDP when distributed)."""
+    torch.manual_seed(config.seed)
+    model = _build_model(config).to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    optimizer = _build_optimizer(config, net, factory)
+    if world > 1:  # dropout masks differ between shards (every rank's state is checkpointed)
+        torch.manual_seed(config.seed + 7919 * rank)
+    return model, net, optimizer
+
+
+# ----------------------------------------------------------------------------- run state
+
+
+@dataclass
+class EpochSums:
+    """Running sums over the steps taken so far in the current epoch."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    step_s: float = 0.0
+    steps: float = 0.0
+
+    def means(self, task: str) -> tuple[float, float]:
+        """Mean train loss and accuracy (``NaN`` for regression) so far."""
+        count = max(1.0, self.count)
+        acc = self.correct / count if task == "classification" else math.nan
+        return self.loss_sum / count, acc
+
+
+@dataclass
+class RunState:
+    """Where a run stands; with the model, optimizer and RNG states it makes a checkpoint."""
+
+    #: epochs finished
+    epoch: int = 0
+    #: steps taken in epoch ``epoch + 1``
+    batch: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)
+    #: one row per finished epoch (:data:`METRIC_FIELDS`)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    #: wall time of the earlier sessions of the run
+    wall_before: float = 0.0
+    #: data-order generator state at the start of epoch ``epoch + 1``
+    epoch_rng: torch.Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> RunState:
+        """The run state recorded in a checkpoint dict."""
+        return cls(
+            epoch=int(state["epoch"]),
+            batch=int(state["batch"]),
+            sums=EpochSums(**{k: float(v) for k, v in state["running"].items()}),
+            metrics=[dict(r) for r in state["metrics"]],
+            wall_before=float(state["wall_time_s"]),
+            epoch_rng=state["epoch_rng"],
+        )
+
+
+class _Stop:
+    """Stop requests: ``requested`` is set by this process's SIGINT handler; ``agreed``,
+    with several ranks, when any rank requested (all-reduced with each step's metrics)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
         self.requested = False
+        self.agreed = False
+
+    def __call__(self) -> bool:
+        """Whether the run should stop at this step boundary."""
+        return self.requested if self.world == 1 else self.agreed
 
 
 @contextmanager
@@ -359,6 +562,220 @@ class _StopRequested(Exception):
 # ----------------------------------------------------------------------------- training
 
 
+class _Session:
+    """One call of :func:`train`: the run's model, optimizer and data, its state, and the
+    steps that advance and record it."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: Path,
+        callback: TrainCallback,
+        data: TensorData | None,
+        factory: OptimizerFactory,
+    ) -> None:
+        self.config, self.out, self.callback = config, out, callback
+        self.device, self.world, self.rank = _placement(config)
+        self.lead = self.rank == 0  # the only rank that writes files
+        self.data = _prepare_data(config, data, self.device)
+        self.loss_fn = _loss_fn(self.data.task)
+        self.model, self.net, self.optimizer = _build(
+            config, self.device, self.world, self.rank, factory
+        )
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.state = RunState(epoch_rng=self.data_gen.get_state())
+        self.n_batches = num_batches(
+            self.data.x_train.shape[0], config.batch_size, config.drop_last
+        )
+        self.files = CheckpointFiles(out)
+        self.stop = _Stop(self.world)
+        self.in_step = False  # an interruption now leaves no consistent state to save
+        self.saved: Path | None = None  # the checkpoint that holds the run
+        self.t0 = time.perf_counter()
+
+    # -- checkpoints
+
+    def start(self, resume: bool) -> None:
+        """Restore the newest good checkpoint (``resume``), then write metrics and config."""
+        loaded = self.files.load() if resume else None
+        if loaded is not None:
+            self._restore(loaded)
+            self.saved = loaded.path
+            if loaded.problem and self.lead:
+                st = self.state
+                where = f"step {st.batch} of epoch {st.epoch + 1}" if st.batch else (
+                    f"the end of epoch {st.epoch}")
+                self.callback.on_notice(
+                    f"{loaded.problem}; resuming from {loaded.path} instead ({where})"
+                )
+        if self.lead:
+            _write_metrics(self.out / METRICS_NAME, self.state.metrics)
+            text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+            atomic_write(self.out / CONFIG_NAME, lambda fh: fh.write(text), text=True)
+        self.t0 = time.perf_counter()
+
+    def _restore(self, loaded: LoadedCheckpoint) -> None:
+        state, path = loaded.state, loaded.path
+        _check_same_run(state.get("config", {}), self.config, path)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world:
+            raise ConfigMismatchError(
+                f"{path} was written by a run on {saved_world} rank(s); resume it with "
+                f"the same number of ranks (this run has {self.world})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        cuda = self.device.type == "cuda"
+        torch.set_rng_state(state["torch_rng"])
+        if cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
+        if self.world > 1:
+            torch.set_rng_state(state["torch_rng_ranks"][self.rank])
+            if cuda and state.get("cuda_rng_ranks") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng_ranks"][self.rank], self.device)
+        self.data_gen.set_state(state["data_rng"])
+        self.state = RunState.from_checkpoint(state)
+
+    def _wall_time(self) -> float:
+        return self.state.wall_before + time.perf_counter() - self.t0
+
+    def save(self) -> None:
+        """Checkpoint the current state (with several ranks a collective: rank 0 writes
+        every rank's RNG states)."""
+        cuda = self.device.type == "cuda"
+        rng_ranks = cuda_rng_ranks = None
+        if self.world > 1:
+            rng_ranks = _gather(torch.get_rng_state(), self.world)
+            if cuda:
+                cuda_rng_ranks = _gather(torch.cuda.get_rng_state(self.device), self.world)
+        self.saved = self.files.path
+        if not self.lead:
+            return
+        st = self.state
+        state = {
+            "format": _FORMAT,
+            "config": self.config.to_dict(),
+            "epoch": st.epoch,
+            "batch": st.batch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            "data_rng": self.data_gen.get_state(),
+            "epoch_rng": st.epoch_rng,
+            "metrics": st.metrics,
+            "running": asdict(st.sums),
+            "wall_time_s": self._wall_time(),
+            "world_size": self.world,
+        }
+        if self.world > 1:
+            state["torch_rng_ranks"] = rng_ranks
+            state["cuda_rng_ranks"] = cuda_rng_ranks
+        self.files.save(state)
+
+    # -- the loop
+
+    def _check_stop(self) -> None:
+        if self.stop():
+            raise _StopRequested
+
+    def run_epoch(self, epoch: int) -> None:
+        """Run (the rest of) ``epoch``, evaluate, record and checkpoint it."""
+        st, data = self.state, self.data
+        if st.batch == 0:
+            st.epoch_rng = self.data_gen.get_state()
+            st.sums = EpochSums()
+        else:  # resuming inside the epoch: redraw the same permutation
+            self.data_gen.set_state(st.epoch_rng)
+        self.callback.on_epoch_start(epoch, self.n_batches, st.batch)
+        self.model.train()
+        batches = iterate_batches(
+            data.x_train,
+            data.y_train,
+            self.config.batch_size,
+            generator=self.data_gen,
+            drop_last=self.config.drop_last,
+            start=st.batch,
+        )
+        for xb, yb in batches:
+            self._step(xb, yb)
+            self._check_stop()
+            self.callback.on_step(epoch, st.batch, *st.sums.means(data.task))
+            self._check_stop()
+        self._finish_epoch(epoch)
+        self._check_stop()
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """One optimizer step on a global batch, added to the epoch's sums."""
+        if self.world > 1:
+            xb, yb = _shard(xb, yb, self.rank, self.world)
+        classification = self.data.task == "classification"
+        sums = self.state.sums
+        self.in_step = True
+        ts = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        output = self.net(xb)
+        loss = self.loss_fn(output, yb)
+        loss.backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        sums.step_s += time.perf_counter() - ts
+        sums.steps += 1
+        nb = xb.shape[0]
+        batch_loss = loss.item() * nb
+        batch_correct = float((output.argmax(1) == yb).sum().item()) if classification else 0.0
+        if self.world > 1:  # metrics of the whole batch; stop when any rank asks
+            batch_loss, batch_correct, nb, asked = _sum_over_ranks(
+                [batch_loss, batch_correct, nb, float(self.stop.requested)]
+            )
+            self.stop.agreed = asked > 0
+        sums.loss_sum += batch_loss
+        sums.count += nb
+        if classification:
+            sums.correct += batch_correct
+        self.state.batch += 1
+        self.in_step = False
+
+    def evaluate_views(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``(loss, acc)`` on the standardised test inputs (``test_*``), then on the raw ones
+        (``raw_test_*``; ``NaN`` where the data set has none)."""
+        d, bs = self.data, self.config.eval_batch_size
+        views = []
+        for x in (d.x_test, d.x_raw):
+            if x is None:
+                views.append((math.nan, math.nan))
+            elif self.world > 1:
+                views.append(_evaluate_sharded(
+                    self.model, x, d.y_test, d.task, bs, self.rank, self.world, self.stop
+                ))
+            else:
+                views.append(evaluate(self.model, x, d.y_test, d.task, bs))
+        return views[0], views[1]
+
+    def _finish_epoch(self, epoch: int) -> None:
+        (test_loss, test_acc), (raw_loss, raw_acc) = self.evaluate_views()
+        st = self.state
+        train_loss, train_acc = st.sums.means(self.data.task)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "raw_test_loss": raw_loss,
+            "raw_test_acc": raw_acc,
+            "wall_time_s": self._wall_time(),
+            "mean_step_ms": 1000.0 * st.sums.step_s / max(1.0, st.sums.steps),
+        }
+        st.metrics.append(row)
+        st.epoch, st.batch, st.sums = epoch, 0, EpochSums()
+        if self.lead:
+            _write_metrics(self.out / METRICS_NAME, st.metrics)
+        self.save()
+        self.callback.on_epoch_end(row)
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike[str],
@@ -373,9 +790,9 @@ def train(
     Args:
         config: the run's configuration.
         out_dir: run directory (created).
-        resume: continue from ``out_dir/checkpoint.pt`` if present (a run that already
-            reached ``config.epochs`` returns immediately); otherwise start from scratch,
-            overwriting ``metrics.csv`` and the checkpoint.
+        resume: continue from the newest good checkpoint in ``out_dir`` if there is one
+            (a run that already reached ``config.epochs`` returns immediately); otherwise
+            start from scratch, overwriting ``metrics.csv`` and the checkpoint.
         callback: progress hooks.
         data: pre-loaded data (otherwise :func:`~kldwrm.experiments.data.load_dataset`).
         optimizer_factory: ``(name, model, **kwargs) -> Optimizer``; default
@@ -384,239 +801,37 @@ def train(
     Returns:
         :class:`TrainResult`; ``interrupted`` is True when Ctrl-C (SIGINT) or a callback's
         KeyboardInterrupt stopped the run, after the checkpoint was saved.
+
+    Raises:
+        InvalidRunError: a bad setting, model or hyperparameter.
+        ConfigMismatchError: ``out_dir`` holds a run with other settings (``resume``).
+        CheckpointError: the checkpoint is damaged and there is no previous one (``resume``).
     """
+    _check_settings(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cb = callback or TrainCallback()
-    ckpt_path = out / CHECKPOINT_NAME
-    metrics_path = out / METRICS_NAME
-    device = resolve_device(config.device)
-    world, rank = kdist.world_size(), kdist.rank()
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if config.batch_size % world:
-        raise ValueError(
-            f"batch_size {config.batch_size} is the global batch and must be a multiple of "
-            f"the number of ranks ({world})"
-        )
-    lead = rank == 0  # the only rank that writes files
-    factory = optimizer_factory or get_optimizer_factory()
-
-    if data is None:
-        data = load_dataset(
-            config.dataset,
-            config.data_dir,
-            normalize=config.normalize,
-            subset=config.subset,
-        )
-    elif config.subset is not None and data.x_train.shape[0] > config.subset:
-        data = replace(data, x_train=data.x_train[: config.subset],
-                       y_train=data.y_train[: config.subset])
-    task = data.task
-    loss_fn = _loss_fn(task)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    x_raw = None if data.x_test_raw is None else data.x_test_raw.to(device)
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, **config.model_kwargs).to(device)
-    net: nn.Module = model  # what the batches go through (the DDP wrapper when distributed)
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    optimizer = factory(config.optimizer, net, **config.optimizer_kwargs)
-    if world > 1:  # dropout masks differ between shards (every rank's state is checkpointed)
-        torch.manual_seed(config.seed + 7919 * rank)
-    data_gen = torch.Generator().manual_seed(config.seed)
-
-    metrics: list[dict[str, float]] = []
-    epoch_done, batch_pos = 0, 0
-    running = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "step_s": 0.0, "steps": 0.0}
-    wall_before = 0.0
-    epoch_rng = data_gen.get_state()
-
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        _check_same_run(state.get("config", {}), config, ckpt_path)
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != world:
-            raise ConfigMismatchError(
-                f"{ckpt_path} was written by a run on {saved_world} rank(s); resume it with "
-                f"the same number of ranks (this run has {world})"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
-        if world > 1:
-            torch.set_rng_state(state["torch_rng_ranks"][rank])
-            if device.type == "cuda" and state.get("cuda_rng_ranks") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng_ranks"][rank], device)
-        data_gen.set_state(state["data_rng"])
-        epoch_rng = state["epoch_rng"]
-        epoch_done, batch_pos = int(state["epoch"]), int(state["batch"])
-        metrics = [dict(r) for r in state["metrics"]]
-        running = {k: float(v) for k, v in state["running"].items()}
-        wall_before = float(state["wall_time_s"])
-    if lead:
-        _write_metrics(metrics_path, metrics)
-        (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-
-    n_train = x_train.shape[0]
-    n_batches = num_batches(n_train, config.batch_size, config.drop_last)
-    t0 = time.perf_counter()
-
-    def save(finished_epoch: int, batch: int) -> None:
-        rng_ranks = cuda_rng_ranks = None
-        if world > 1:  # collective: every rank's RNG states, written by rank 0
-            rng_ranks = _gather(torch.get_rng_state(), world)
-            if device.type == "cuda":
-                cuda_rng_ranks = _gather(torch.cuda.get_rng_state(device), world)
-        if not lead:
-            return
-        state = {
-            "format": _FORMAT,
-            "config": config.to_dict(),
-            "epoch": finished_epoch,
-            "batch": batch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "data_rng": data_gen.get_state(),
-            "epoch_rng": epoch_rng,
-            "metrics": metrics,
-            "running": dict(running),
-            "wall_time_s": wall_before + time.perf_counter() - t0,
-            "world_size": world,
-        }
-        if world > 1:
-            state["torch_rng_ranks"] = rng_ranks
-            state["cuda_rng_ranks"] = cuda_rng_ranks
-        _atomic_write_bytes(ckpt_path, lambda fh: torch.save(state, fh))
-
-    stop = _Stop()
-    agreed = [False]  # with several ranks: stop requested on some rank (all-reduced)
-
-    def stopping() -> bool:
-        return stop.requested if world == 1 else agreed[0]
-
-    in_step = False
-    epoch = epoch_done
-    saved_ckpt: Path | None = ckpt_path if ckpt_path.is_file() and resume else None
+    session = _Session(
+        config, out, callback or TrainCallback(), data, optimizer_factory or get_optimizer_factory()
+    )
+    session.start(resume)
     try:
-        with _graceful_sigint(stop):
-            for epoch in range(epoch_done + 1, config.epochs + 1):
-                if batch_pos == 0:
-                    epoch_rng = data_gen.get_state()
-                    running = dict.fromkeys(running, 0.0)
-                else:
-                    data_gen.set_state(epoch_rng)
-                cb.on_epoch_start(epoch, n_batches, batch_pos)
-                model.train()
-                batches = iterate_batches(
-                    x_train,
-                    y_train,
-                    config.batch_size,
-                    generator=data_gen,
-                    drop_last=config.drop_last,
-                    start=batch_pos,
-                )
-                for xb, yb in batches:
-                    if world > 1:
-                        xb, yb = _shard(xb, yb, rank, world)
-                    in_step = True
-                    ts = time.perf_counter()
-                    optimizer.zero_grad(set_to_none=True)
-                    output = net(xb)
-                    loss = loss_fn(output, yb)
-                    loss.backward()
-                    optimizer.step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    running["step_s"] += time.perf_counter() - ts
-                    running["steps"] += 1
-                    nb = xb.shape[0]
-                    batch_loss = loss.item() * nb
-                    batch_correct = (
-                        float((output.argmax(1) == yb).sum().item())
-                        if task == "classification"
-                        else 0.0
-                    )
-                    if world > 1:  # metrics of the whole batch; stop when any rank asks
-                        batch_loss, batch_correct, nb, asked = _sum_over_ranks(
-                            [batch_loss, batch_correct, nb, float(stop.requested)]
-                        )
-                        agreed[0] = asked > 0
-                    running["loss_sum"] += batch_loss
-                    running["count"] += nb
-                    if task == "classification":
-                        running["correct"] += batch_correct
-                    batch_pos += 1
-                    in_step = False
-                    if stopping():
-                        raise _StopRequested
-                    cb.on_step(epoch, batch_pos, *_running_means(running, task))
-                    if stopping():
-                        raise _StopRequested
-                views = []
-                for xv in (x_test, x_raw):
-                    if xv is None:
-                        views.append((math.nan, math.nan))
-                    elif world > 1:
-                        views.append(_evaluate_sharded(
-                            model, xv, y_test, task, config.eval_batch_size, rank, world, stop,
-                            agreed,
-                        ))
-                    else:
-                        views.append(evaluate(model, xv, y_test, task, config.eval_batch_size))
-                (test_loss, test_acc), (raw_loss, raw_acc) = views
-                train_loss, train_acc = _running_means(running, task)
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "train_acc": train_acc,
-                    "test_loss": test_loss,
-                    "test_acc": test_acc,
-                    "raw_test_loss": raw_loss,
-                    "raw_test_acc": raw_acc,
-                    "wall_time_s": wall_before + time.perf_counter() - t0,
-                    "mean_step_ms": 1000.0 * running["step_s"] / max(1.0, running["steps"]),
-                }
-                metrics.append(row)
-                batch_pos = 0
-                running = dict.fromkeys(running, 0.0)
-                if lead:
-                    _write_metrics(metrics_path, metrics)
-                save(epoch, 0)
-                saved_ckpt = ckpt_path
-                cb.on_epoch_end(row)
-                if stopping():
-                    raise _StopRequested
+        with _graceful_sigint(session.stop):
+            for epoch in range(session.state.epoch + 1, config.epochs + 1):
+                session.run_epoch(epoch)
     except (KeyboardInterrupt, _StopRequested) as exc:
-        if world > 1 and isinstance(exc, KeyboardInterrupt):
+        if session.world > 1 and isinstance(exc, KeyboardInterrupt):
             raise  # not agreed by every rank: saving (a collective) could not complete
-        if not in_step:
-            # State is consistent: everything up to the last finished step is recorded.
-            if batch_pos == 0 and metrics and int(metrics[-1]["epoch"]) == epoch:
-                finished_epoch = epoch
-            else:
-                finished_epoch = epoch - 1 if epoch > epoch_done else epoch_done
-            save(finished_epoch, batch_pos)
-            saved_ckpt = ckpt_path
-        return TrainResult(out, metrics, True, False, saved_ckpt)
+        if not session.in_step:  # everything up to the last finished step is recorded
+            session.save()
+        return TrainResult(out, session.state.metrics, True, False, session.saved)
+    metrics = session.state.metrics
     finished = bool(metrics) and int(metrics[-1]["epoch"]) >= config.epochs
     if not metrics and config.epochs <= 0:
         finished = True
-    return TrainResult(out, metrics, False, finished, saved_ckpt)
+    return TrainResult(out, metrics, False, finished, session.saved)
 
 
-def _running_means(running: Mapping[str, float], task: str) -> tuple[float, float]:
-    count = max(1.0, running["count"])
-    acc = running["correct"] / count if task == "classification" else math.nan
-    return running["loss_sum"] / count, acc
+# ----------------------------------------------------------------------------- distributed
 
 
 def _shard(
@@ -652,7 +867,6 @@ def _evaluate_sharded(
     rank: int,
     world: int,
     stop: _Stop,
-    agreed: list[bool],
 ) -> tuple[float, float]:
     """:func:`evaluate` over the whole set, each rank on its contiguous share."""
     xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
@@ -662,5 +876,5 @@ def _evaluate_sharded(
     total, right, count, asked = _sum_over_ranks(
         [loss * n, correct, float(n), float(stop.requested)]
     )
-    agreed[0] = agreed[0] or asked > 0
+    stop.agreed = stop.agreed or asked > 0
     return total / count, right / count if task == "classification" else math.nan

@@ -1,0 +1,69 @@
+"""Figures 1 (test loss) and 2 (test accuracy) of a data set's runs, as PNG files.
+
+Each figure has one panel per test-set view with the mean ± SD band of every solver
+(:func:`.runs.mean_sd_curve`). matplotlib is imported inside the functions, so importing
+this module (and the report) does not need it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .runs import VIEW_LABEL, Runs, display_name, mean_sd_curve, report_views
+
+__all__ = ["make_figures"]
+
+
+def make_figures(solvers: Mapping[str, Runs], out_dir: Path, prefix: str) -> list[Path]:
+    """Figures 1 (test loss) and 2 (test accuracy): mean ± SD band per solver, one panel per
+    test-set view, PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    views = report_views([solvers])
+    paths = []
+    specs = (
+        ("loss", 1.0, "test loss", f"{prefix}figure1_test_loss.png", "Figure 1"),
+        ("acc", 100.0, "test accuracy (%)", f"{prefix}figure2_test_accuracy.png", "Figure 2"),
+    )
+    for what, scale, ylabel, fname, title in specs:
+        fig = Figure(figsize=(6.4 * len(views), 4.4), dpi=110)
+        FigureCanvasAgg(fig)
+        for i, view in enumerate(views):
+            ax = fig.add_subplot(1, len(views), i + 1)
+            _plot_panel(ax, solvers, f"{view}_{what}", scale, ylabel)
+            ax.set_title(f"{title}: {VIEW_LABEL[view]} test inputs, mean ± SD over seeds",
+                         fontsize=10)
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def _plot_panel(ax: Any, solvers: Mapping[str, Runs], key: str, scale: float,
+                ylabel: str) -> None:
+    """One panel: the mean curve and SD band of ``scale * key`` for every solver."""
+    from matplotlib.ticker import MaxNLocator
+
+    lows = []
+    for solver, runs in solvers.items():
+        ep, mean, sd = mean_sd_curve(runs, key, scale)
+        label = f"{display_name(solver)} (n={len(runs)})"
+        (line,) = ax.plot(ep, mean, marker="o" if len(ep) < 12 else None, ms=3, label=label)
+        ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+        if len(mean) and np.isfinite(mean).any():
+            lows.append(float(np.nanmin(mean)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if key.endswith("_acc"):
+        lo = min(lows, default=90.0)
+        ax.set_ylim(max(lo - 1.0, 90.0 if lo > 91 else 0.0), 100.0)
+        ax.axhline(98.0, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend()

@@ -1,0 +1,292 @@
+"""Run directories and what they say: metrics files, test-set views and per-solver statistics.
+
+Runs are found as ``<root>/[<dataset>/]<solver>/seed<k>/metrics.csv`` (any depth; the
+solver is the name of the directory above ``seed<k>``, the data set the one above that) by
+:func:`collect_runs`. This module turns them into numbers, and renders nothing:
+
+* the test-set views (:data:`VIEWS`) a metrics file has, and the metric of a view;
+* Table 1 statistics at one epoch (:func:`summarize`): counts over thresholds, means and
+  sample SDs (``ddof=1``, as for the paper's 10 runs), accuracies in percent; runs that did
+  not reach the epoch are listed as incomplete and left out;
+* time to 98% test accuracy (:func:`time_to_98`) and the mean ± SD curves of the figures
+  (:func:`mean_sd_curve`);
+* the paper's Table 1 (:data:`PAPER_TABLE1`) and solver display names and order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .train import METRICS_NAME, read_metrics
+
+__all__ = [
+    "DISPLAY",
+    "PAPER_EPOCH",
+    "PAPER_RUNS",
+    "PAPER_TABLE1",
+    "PAPER_VIEW",
+    "VIEWS",
+    "VIEW_LABEL",
+    "Protocols",
+    "Runs",
+    "SolverSummary",
+    "TimeTo98",
+    "available_views",
+    "collect_runs",
+    "display_name",
+    "final_epoch",
+    "mean_sd_curve",
+    "paper_summary",
+    "report_views",
+    "solver_key",
+    "summarize",
+    "time_to_98",
+    "values_at",
+]
+
+Runs = dict[str, list[dict[str, float]]]  # seed name -> metrics rows
+Protocols = Mapping[str, Mapping[str, Runs]]  # protocol name -> {solver: runs}
+
+#: test-set views: metric-name prefix in ``metrics.csv`` → what the view is
+VIEWS: dict[str, str] = {
+    "test": "test inputs standardised like the training inputs",
+    "raw_test": "raw test inputs (the released notebooks' evaluation)",
+}
+#: short view names used in file contents
+VIEW_LABEL = {"test": "normalised", "raw_test": "raw"}
+
+DISPLAY = {"kfac": "K-FAC", "so": "SO", "q": "Q", "qe": "QE", "sgd": "SGD", "adam": "Adam"}
+_ORDER = ("sgd", "adam", "kfac", "so", "q", "qe")
+_EPS = 1e-9
+
+# Table 1 of the paper (MNIST, test metrics after epoch 50, 10 runs per solver), one row
+# per solver in the order of these fields.
+_PAPER_COUNTS = ("n_acc_ge_98", "n_acc_gt_98", "n_acc_ge_98_5", "n_loss_le_0_25",
+                 "n_loss_le_0_2")
+_PAPER_FIELDS = (*_PAPER_COUNTS, "acc_mean", "acc_sd", "loss_mean", "loss_sd")
+_PAPER_ROWS = {
+    "kfac": (3, 3, 1, 5, 2, 96.19, 3.2, 0.26, 0.10),
+    "so": (4, 2, 0, 7, 0, 97.60, 0.85, 0.25, 0.04),
+    "q": (5, 4, 0, 4, 0, 97.69, 0.69, 0.26, 0.04),
+    "qe": (8, 7, 2, 9, 0, 98.01, 0.64, 0.23, 0.02),
+}
+#: Table 1 of the paper (MNIST, test metrics after epoch 50, 10 runs per solver).
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    solver: dict(zip(_PAPER_FIELDS, row, strict=True)) for solver, row in _PAPER_ROWS.items()
+}
+PAPER_RUNS, PAPER_EPOCH = 10, 50
+#: the view the paper's numbers come from
+PAPER_VIEW = "raw_test"
+
+
+def display_name(solver: str) -> str:
+    """How ``solver`` is named in tables and figures (``"kfac"`` → ``"K-FAC"``)."""
+    return DISPLAY.get(solver, solver)
+
+
+def solver_key(name: str) -> tuple[int, str]:
+    """Sort key of solvers: the baselines, K-FAC, then SO, Q, QE; unknown names last."""
+    return (_ORDER.index(name) if name in _ORDER else len(_ORDER), name)
+
+
+def collect_runs(root: str | os.PathLike[str]) -> dict[str, dict[str, Runs]]:
+    """``{dataset: {solver: {seed_dir_name: rows}}}`` for every metrics file under ``root``."""
+    root = Path(root).resolve()
+    found: dict[str, dict[str, Runs]] = {}
+    for path in sorted(root.rglob(METRICS_NAME)):
+        if "report" in path.relative_to(root).parts:
+            continue
+        rows = read_metrics(path)
+        if not rows:
+            continue
+        seed_dir = path.parent
+        solver_dir = seed_dir.parent
+        dataset = solver_dir.parent.name
+        found.setdefault(dataset, {}).setdefault(solver_dir.name, {})[seed_dir.name] = rows
+    return {d: dict(sorted(s.items(), key=lambda kv: solver_key(kv[0]))) for d, s in found.items()}
+
+
+# --------------------------------------------------------------------------- rows and views
+
+
+def _rows(solvers: Mapping[str, Runs]) -> Iterator[dict[str, float]]:
+    """Every metrics row of every run of ``solvers``."""
+    return (r for runs in solvers.values() for rows in runs.values() for r in rows)
+
+
+def _row_at(rows: Sequence[Mapping[str, float]], epoch: int) -> Mapping[str, float] | None:
+    for r in rows:
+        if int(r["epoch"]) == epoch:
+            return r
+    return None
+
+
+def _metric(row: Mapping[str, float], view: str, what: str) -> float:
+    """``row[f"{view}_{what}"]``; NaN when the file has no such column."""
+    return float(row.get(f"{view}_{what}", math.nan))
+
+
+def available_views(solvers: Mapping[str, Runs]) -> list[str]:
+    """The views with a finite test loss in at least one row."""
+    rows = list(_rows(solvers))
+    return [v for v in VIEWS if any(math.isfinite(_metric(r, v, "loss")) for r in rows)]
+
+
+def report_views(solver_sets: Iterable[Mapping[str, Runs]]) -> list[str]:
+    """The views any of ``solver_sets`` has, in :data:`VIEWS` order; ``["test"]`` if none."""
+    available = [available_views(s) for s in solver_sets]
+    return [v for v in VIEWS if any(v in views for views in available)] or ["test"]
+
+
+def final_epoch(solvers: Mapping[str, Runs]) -> int:
+    """The last epoch any run of ``solvers`` reached (the tables' default epoch)."""
+    return max(int(r["epoch"]) for r in _rows(solvers))
+
+
+def values_at(
+    runs: Runs, epoch: int, view: str
+) -> tuple[list[float], list[float], list[str]]:
+    """``(accs, losses, incomplete)``: test metrics of the runs that reached ``epoch`` on
+    ``view`` (accuracies as fractions) and the seeds that did not reach it."""
+    accs, losses, incomplete = [], [], []
+    for seed, rows in runs.items():
+        row = _row_at(rows, epoch)
+        if row is None:
+            incomplete.append(seed)
+            continue
+        accs.append(_metric(row, view, "acc"))
+        losses.append(_metric(row, view, "loss"))
+    return accs, losses, incomplete
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+@dataclass
+class SolverSummary:
+    """Table 1 row for one solver (accuracies in percent, SDs with ddof=1)."""
+
+    solver: str
+    runs: int
+    epoch: int
+    counts: dict[str, int]
+    acc_mean: float
+    acc_sd: float
+    loss_mean: float
+    loss_sd: float
+    incomplete: list[str]
+
+
+def _sd(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def summarize(
+    solvers: Mapping[str, Runs], epoch: int | None = None, view: str = "test"
+) -> list[SolverSummary]:
+    """Table 1 statistics of each solver at ``epoch`` (default: the last epoch any run
+    reached), on the test-set ``view`` (a key of :data:`VIEWS`)."""
+    if epoch is None:
+        epoch = final_epoch(solvers)
+    out = []
+    for solver, runs in solvers.items():
+        accs, losses, incomplete = values_at(runs, epoch, view)
+        a, l = np.asarray(accs, dtype=float), np.asarray(losses, dtype=float)
+        counts = {
+            "n_acc_ge_98": int(np.sum(a >= 0.98 - _EPS)),
+            "n_acc_gt_98": int(np.sum(a > 0.98 + _EPS)),
+            "n_acc_ge_98_5": int(np.sum(a >= 0.985 - _EPS)),
+            "n_loss_le_0_25": int(np.sum(l <= 0.25 + _EPS)),
+            "n_loss_le_0_2": int(np.sum(l <= 0.2 + _EPS)),
+        }
+        out.append(
+            SolverSummary(
+                solver=solver,
+                runs=len(accs),
+                epoch=epoch,
+                counts=counts,
+                acc_mean=100 * float(a.mean()) if len(a) else math.nan,
+                acc_sd=100 * _sd(accs),
+                loss_mean=float(l.mean()) if len(l) else math.nan,
+                loss_sd=_sd(losses),
+                incomplete=incomplete,
+            )
+        )
+    return out
+
+
+def paper_summary(solver: str) -> SolverSummary | None:
+    """The paper's Table 1 row of ``solver`` (``None`` when the paper has none)."""
+    p = PAPER_TABLE1.get(solver)
+    if p is None:
+        return None
+    counts = {k: int(p[k]) for k in _PAPER_COUNTS}
+    return SolverSummary(solver, PAPER_RUNS, PAPER_EPOCH, counts, p["acc_mean"], p["acc_sd"],
+                         p["loss_mean"], p["loss_sd"], [])
+
+
+# --------------------------------------------------------------------------- curves
+
+
+@dataclass
+class TimeTo98:
+    """Epochs and seconds until test accuracy first reached 98% (medians over the seeds
+    that reached it), plus the mean time per step over all epochs of all runs."""
+
+    solver: str
+    reached: int
+    runs: int
+    median_epochs: float
+    median_seconds: float
+    mean_step_ms: float
+
+
+def time_to_98(
+    solvers: Mapping[str, Runs], threshold: float = 0.98, view: str = "test"
+) -> list[TimeTo98]:
+    """Per solver: how many runs reached ``threshold`` test accuracy (on ``view``), and how
+    fast."""
+    out = []
+    for solver, runs in solvers.items():
+        epochs, seconds, steps = [], [], []
+        for rows in runs.values():
+            steps += [float(r["mean_step_ms"]) for r in rows]
+            for r in rows:
+                if _metric(r, view, "acc") >= threshold - _EPS:
+                    epochs.append(int(r["epoch"]))
+                    seconds.append(float(r["wall_time_s"]))
+                    break
+        out.append(
+            TimeTo98(
+                solver=solver,
+                reached=len(epochs),
+                runs=len(runs),
+                median_epochs=float(np.median(epochs)) if epochs else math.nan,
+                median_seconds=float(np.median(seconds)) if seconds else math.nan,
+                mean_step_ms=float(np.mean(steps)) if steps else math.nan,
+            )
+        )
+    return out
+
+
+def mean_sd_curve(runs: Runs, key: str, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+    """``(epochs, mean, sd)`` of ``scale * key`` over the runs that have each epoch.
+
+    The SD is the sample SD (ddof=1), 0 where only one run has the epoch.
+    """
+    ep, mean, sd = [], [], []
+    for e in range(1, final_epoch({"": runs}) + 1):
+        vals = [scale * float(r.get(key, math.nan)) for rows in runs.values()
+                if (r := _row_at(rows, e))]
+        if not vals:
+            continue
+        ep.append(e)
+        mean.append(float(np.mean(vals)))
+        sd.append(_sd(vals) if len(vals) > 1 else 0.0)
+    return np.asarray(ep), np.asarray(mean), np.asarray(sd)

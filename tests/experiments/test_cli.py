@@ -1,0 +1,223 @@
+"""The command line answers bad input like a command-line tool, keeps damaged runs, and
+``kldwrm compare`` reports step times measured in one process.
+
+Errors found after parsing: exit status 2 and one ``kldwrm: error:`` line on stderr, no
+traceback. argparse's own errors: usage, then its ``error:`` line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kldwrm.experiments import timing
+from kldwrm.experiments.checkpoint import atomic_write
+from kldwrm.experiments.cli import main
+from kldwrm.experiments.train import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _one_error_line(capsys, argv: list[str]) -> str:
+    """Run ``main(argv)``; assert status 2 and a single ``kldwrm: error:`` line; return it."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kldwrm: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["train", "--lr", "-1"], "lr must be > 0"),  # the optimizer's own message
+        (["train", "--optimizer", "sgd", "--lr", "-1"], "learning rate"),
+        (["train", "--model", "nosuch:thing"], "nosuch"),
+        (["train", "--optimizer", "kfac", "--window", "3"], "'window'"),
+        (["train", "--dataset", "nosuch"], "unknown data set"),
+        (["reproduce", "--seeds", "abc"], "--seeds"),
+        (["reproduce", "--lr", "-1"], "lr must be > 0"),
+        (["compare", "--seeds", "5-3"], "--seeds"),
+        (["compare", "--model", "nosuch:thing"], "nosuch"),
+    ],
+)
+def test_bad_input_is_one_error_line(capsys, tmp_path, argv, says):
+    line = _one_error_line(capsys, [*argv, "--out", str(tmp_path / "run"), "--no-progress"])
+    assert says in line
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # refused before training
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--epochs", "0"],
+        ["train", "--epochs", "-3"],
+        ["train", "--batch-size", "-5"],
+        ["train", "--batch-size", "0"],
+        ["train", "--subset", "0"],
+        ["train", "--threads", "0"],
+        ["train", "--seed", "-1"],
+        ["train", "--dist-timeout", "0"],
+        ["compare", "--workers", "0"],
+        ["reproduce", "--epochs", "0"],
+        ["report", "somewhere", "--epoch", "0"],
+        ["report", "somewhere", "--epoch", "x"],
+    ],
+)
+def test_invalid_numbers_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    option, value = argv[-2:]
+    last = err.strip().splitlines()[-1]
+    assert f"error: argument {option}: " in last and last.endswith(f"got {value}")
+
+
+def test_python_m_prints_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kldwrm", "train", "--lr", "-1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "kldwrm: error: optimizer 'kfac': lr must be > 0, got -1.0"
+    ]
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _train_args(out: Path, mnist_dir: Path, epochs: int) -> list[str]:
+    return [
+        "train", "--optimizer", "kfac", "--update-freq", "3", "--subset", "512",
+        "--batch-size", "128", "--epochs", str(epochs), "--seed", "5", "--out", str(out),
+        "--data-dir", str(mnist_dir), "--no-progress", "--threads", "1",
+    ]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+EXACT = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "raw_test_loss",
+         "raw_test_acc")
+
+
+def _exact(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: r[k] for k in EXACT} for r in rows]
+
+
+def test_a_truncated_checkpoint_falls_back_on_the_previous_one(tmp_path, capsys, mnist_dir):
+    out = tmp_path / "run"
+    assert main(_train_args(out, mnist_dir, 2)) == 0
+    reference = read_metrics(out / "metrics.csv")
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
+    _truncate(out / "checkpoint.pt")
+    capsys.readouterr()
+
+    assert main([*_train_args(out, mnist_dir, 2), "--resume"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("kldwrm: warning:")]
+    assert len(warnings) == 1 and "Traceback" not in err
+    assert "checkpoint.pt is damaged" in warnings[0] and "checkpoint.prev.pt" in warnings[0]
+    assert "end of epoch 1" in warnings[0]
+    # epoch 2 was trained again from the end of epoch 1: the same numbers, a good file
+    assert _exact(read_metrics(out / "metrics.csv")) == _exact(reference)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (2, 0)
+    # the damaged file was not kept as the previous checkpoint
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_damaged_checkpoint_without_a_previous_one_is_kept_and_named(
+    tmp_path, capsys, mnist_dir
+):
+    out = tmp_path / "run"
+    assert main(_train_args(out, mnist_dir, 1)) == 0
+    assert not (out / "checkpoint.prev.pt").exists()  # one checkpoint written so far
+    _truncate(out / "checkpoint.pt")
+    damaged = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    line = _one_error_line(capsys, [*_train_args(out, mnist_dir, 2), "--resume"])
+    assert f"{out / 'checkpoint.pt'} is damaged" in line
+    assert "delete it to start the run over" in line and "restore" in line
+    assert (out / "checkpoint.pt").read_bytes() == damaged  # left for the user to restore
+
+    (out / "checkpoint.pt").unlink()  # as the message says: a fresh start
+    assert main([*_train_args(out, mnist_dir, 1), "--resume"]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1]
+
+
+# ----------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_writes_get_the_ordinary_file_mode(tmp_path, umask):
+    target = tmp_path / "metrics.csv"
+    atomic_write(target, lambda fh: fh.write("a,b\n"), text=True)
+    assert _mode(target) == 0o666 & ~umask
+    atomic_write(target, lambda fh: fh.write(b"new"), keep_previous=tmp_path / "prev")
+    assert target.read_bytes() == b"new" and (tmp_path / "prev").read_text() == "a,b\n"
+    assert _mode(target) == _mode(tmp_path / "prev") == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "prev"]  # no .tmp
+
+
+def test_run_files_get_the_ordinary_file_mode(tmp_path, capsys, mnist_dir, umask):
+    out = tmp_path / "run"
+    assert main(_train_args(out, mnist_dir, 2)) == 0
+    names = ["checkpoint.prev.pt", "checkpoint.pt", "config.json", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        assert _mode(out / name) == 0o666 & ~umask, name
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def test_compare_prints_an_interleaved_step_time_check(tmp_path, capsys, mnist_dir, monkeypatch):
+    calls = []
+    real = timing.time_configs
+
+    def quick(configs, x, y, task="classification", **kw):
+        calls.append((list(configs), x.shape[0], kw["threads"]))
+        return real(configs, x, y, task, **{**kw, "rounds": 2, "budget_s": 0.001})
+
+    monkeypatch.setattr(timing, "time_configs", quick)
+    argv = ["compare", "--optimizers", "adam", "kfac", "--subset", "256", "--batch-size",
+            "128", "--epochs", "1", "--workers", "1", "--threads", "1", "--out",
+            str(tmp_path), "--data-dir", str(mnist_dir), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    # SGD is timed as the baseline of the ratios even when it is not compared
+    assert calls == [(["sgd", "adam", "kfac"], 128, 1)]
+    table = text[text.index("Step time, quick check"):]
+    assert "1 thread(s)" in table and "paper-cnn" in table and "2 rotating rounds" in table
+    assert "| sgd |" in table and "| adam |" in table and "| kfac |" in table
+    assert "| sgd | " in table and "| 1.00x |" in table
+    assert "python -m benchmarks.run" in table
+
+    assert main([*argv, "--no-timing"]) == 0  # the runs are finished: skipped
+    assert "Step time" not in capsys.readouterr().out
+    assert len(calls) == 1

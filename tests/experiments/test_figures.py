@@ -1,0 +1,30 @@
+"""Figures 1-2: one PNG per figure, one panel per test-set view."""
+
+from __future__ import annotations
+
+import struct
+
+from kldwrm.experiments.figures import make_figures
+from kldwrm.experiments.runs import collect_runs
+
+from .report_fixture import write_runs
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_one_panel_per_view(tmp_path):
+    solvers = collect_runs(write_runs(tmp_path / "runs"))["mnist"]
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = make_figures(solvers, out, "x_")
+    assert [p.name for p in paths] == ["x_figure1_test_loss.png", "x_figure2_test_accuracy.png"]
+    two = _png_size(paths[0])
+    assert two == (round(2 * 6.4 * 110), round(4.4 * 110))  # normalised and raw panels
+    no_raw = {s: {seed: [{k: v for k, v in r.items() if not k.startswith("raw_")} for r in rows]
+                  for seed, rows in runs.items()} for s, runs in solvers.items()}
+    one = _png_size(make_figures(no_raw, out, "y_")[1])
+    assert one == (round(6.4 * 110), round(4.4 * 110))
