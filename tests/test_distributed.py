@@ -148,6 +148,65 @@ def test_mc_fisher_ranks_stay_bitwise_identical(name, two_rank_results):
     assert _rel_err(a, emp) > 1e-8  # it really sampled
 
 
+class _Branchy(nn.Module):
+    """Rank 1 never runs ``skip`` (a branch taken by some ranks only, e.g. a routed expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.skip = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+        self.use_skip = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if self.use_skip:
+            h = torch.tanh(self.norm(self.skip(h)))
+        return self.head(h)
+
+
+def _skipping_worker(rank: int, world: int, port: int, out: str, fisher: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        torch.manual_seed(0)
+        model = _Branchy().double()
+        model.use_skip = rank == 0
+        opt = KFAC(model, lr=0.05, update_freq=2, fisher=fisher, seed=1)
+        g = torch.Generator().manual_seed(10 + rank)
+        for _ in range(5):
+            x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=g)).backward()
+            opt.step()
+        torch.save({"curvature": opt.engine.state_dict(), "steps": opt.steps_taken},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_layer_skipped_on_one_rank_does_not_deadlock(tmp_path, fisher):
+    """The rank without data sends zeros with weight 0 in the same all-reduce, so every rank
+    folds the same curvature: the skipped layer's, and the norm's, from rank 0 alone."""
+    torch.multiprocessing.spawn(
+        _skipping_worker, args=(2, _free_port(), str(tmp_path), fisher), nprocs=2, join=True
+    )
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["steps"] == r1["steps"] == 5
+    assert r0["curvature"].keys() == r1["curvature"].keys()
+    for key, block in r0["curvature"].items():
+        assert block, key  # every block, the skipped layer's too, has curvature on both ranks
+        for name, t in block.items():
+            assert torch.equal(t, r1["curvature"][key][name]), (key, name)
+
+
 def test_rank_seeds_differ():
     seeds = {rank_seed(12345, r) for r in range(64)}
     assert len(seeds) == 64 and all(0 <= s < 2**63 for s in seeds)
