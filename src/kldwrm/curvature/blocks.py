@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -294,20 +294,27 @@ class KroneckerBlock(FactoredBlock):
         super().__init__(module, params, name, rank)
 
     # -- statistics -------------------------------------------------------------------
-    def _columns(self, x: Tensor, rows: Tensor | None) -> Tensor:
-        """Layer input → ``Xᵀ``: one column per row ``a`` of eq. 11 (im2col for convolutions).
+    def _column_blocks(self, x: Tensor, rows: Tensor | None) -> Iterator[Tensor]:
+        """Layer input → blocks of ``X̄ᵀ``: one column per row ``ā = [a, 1]`` of eq. 11
+        (im2col for convolutions), with the homogeneous row of ones when the bias is in
+        the block, so that one Gram product gives ``Σ ā āᵀ`` whole.
 
         ``rows``: the rows to keep (a linear layer's positions that are counted examples).
-        The layout is feature-major, ``(in_features, rows)``: for a convolution the copy out
-        of the strided patch view then moves runs of a whole output row at a time instead
-        of ``kw`` numbers (5-7x faster for narrow convolutions), and the Gram product
-        ``X Xᵀ`` has its long dimension inside, where matmul is fastest.
+        A convolution's patches are copied a few examples at a time into a buffer of about
+        2 MB that stays in cache while its Gram product reads it (each copy moves runs of a
+        whole output row); the layout is feature-major, ``(in_features [+1], rows)``, with
+        the long dimension inside the product, where matmul is fastest.
         """
         x = x.to(self.dtype)
         if isinstance(self.module, _ConvNd):
-            return _conv_columns(x, self.module)
+            yield from _conv_column_blocks(x, self.module, self.has_bias)
+            return
         cols = x.reshape(-1, x.shape[-1])
-        return (cols if rows is None else cols[rows]).T
+        if rows is not None:
+            cols = cols[rows]
+        if self.has_bias:
+            cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1)], dim=1)
+        yield cols.T
 
     def _delta_columns(self, delta: Tensor, rows: Tensor | None) -> Tensor:
         """Output gradients → ``Δᵀ`` of shape ``(out_channels, rows)``."""
@@ -324,44 +331,26 @@ class KroneckerBlock(FactoredBlock):
         return capture.row_mask(call, t.shape[:-1])
 
     def _input_factor(self, capture) -> tuple[Tensor, float]:
-        """``A = (1/N) Σ ā āᵀ`` with ``ā = [a, 1]``, and ``N``. The homogeneous coordinate's
-        row and column are the sums of ``a`` and the row count: no column of ones is built.
+        """``A = (1/N) Σ ā āᵀ`` with ``ā = [a, 1]``, and ``N``.
 
         ``N`` counts the examples of the call each input belongs to (every leading position
         of the model output, DESIGN section 1), once per use of the layer.
         """
-        gram = total = None
-        count = n = 0
-        for x, call in zip(capture.inputs[self.module], capture.input_calls[self.module],
-                           strict=True):
-            cols = self._columns(x, self._rows(capture, x, call))
-            g = cols @ cols.T
-            gram = g if gram is None else gram.add_(g)
-            n += capture.examples[call]
-            if self.has_bias:
-                t = cols.sum(dim=1)
-                total = t if total is None else total.add_(t)
-                count += cols.shape[1]
-        if not self.has_bias:
-            return gram.div_(n), float(n)
-        k = gram.shape[0]
-        A = gram.new_empty(k + 1, k + 1)
-        A[:k, :k] = gram
-        A[:k, k] = total
-        A[k, :k] = total
-        A[k, k] = count
-        return A.div_(n), float(n)
+        pairs = list(zip(capture.inputs[self.module], capture.input_calls[self.module],
+                         strict=True))
+        gram = _gram((cols, 1.0) for x, call in pairs
+                     for cols in self._column_blocks(x, self._rows(capture, x, call)))
+        n = sum(capture.examples[call] for _, call in pairs)
+        return gram.div_(n), float(n)
 
     def _output_factor(self, capture) -> tuple[Tensor, float]:
         """``Γ = (1/R) Σ δ δᵀ`` over the ``R`` counted rows of output gradients, and ``R``."""
-        G, rows = None, 0
-        for d, call in zip(capture.deltas[self.module], capture.delta_calls[self.module],
-                           strict=True):
-            cols = self._delta_columns(d, self._rows(capture, d, call))
-            g = (cols @ cols.T).mul_(capture.delta_scale(call) ** 2)
-            G = g if G is None else G.add_(g)
-            rows += cols.shape[1]
-        return G.div_(max(rows, 1)), float(rows)
+        blocks = [(self._delta_columns(d, self._rows(capture, d, call)),
+                   capture.delta_scale(call) ** 2)
+                  for d, call in zip(capture.deltas[self.module],
+                                     capture.delta_calls[self.module], strict=True)]
+        rows = sum(cols.shape[1] for cols, _ in blocks)
+        return _gram(blocks).div_(max(rows, 1)), float(rows)
 
     def fresh(self, capture, grads):
         if not self._has_data(capture):
@@ -425,14 +414,11 @@ class BiasBlock(FactoredBlock):
         return delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
 
     def _sums(self, capture) -> tuple[Tensor, float]:
-        G, n = None, 0
-        for d, call in zip(capture.deltas[self.module], capture.delta_calls[self.module],
-                           strict=True):
-            s = self._example_sums(capture, d, call)
-            g = (s.T @ s).mul_(capture.delta_scale(call) ** 2)
-            G = g if G is None else G.add_(g)
-            n += s.shape[0]
-        return G.div_(max(n, 1)), float(n)
+        blocks = [(self._example_sums(capture, d, call).T, capture.delta_scale(call) ** 2)
+                  for d, call in zip(capture.deltas[self.module],
+                                     capture.delta_calls[self.module], strict=True)]
+        n = sum(sums.shape[1] for sums, _ in blocks)
+        return _gram(blocks).div_(max(n, 1)), float(n)
 
     def fresh(self, capture, grads):
         if not capture.deltas.get(self.module):
@@ -568,13 +554,56 @@ class DiagonalBlock(Block):
 _ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _conv_columns(x: Tensor, m: nn.Module) -> Tensor:
-    """Receptive fields of the convolution ``m`` as ``Xᵀ``, shape ``(C·Πk, N·Πo)``.
+#: Gram products of this many rows or more compute their lower triangle in two halves
+SPLIT_GRAM_ROWS = 96
+
+
+def _add_gram_(acc: Tensor, cols: Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha · cols colsᵀ`` on and below the diagonal only (then :func:`_mirror_`):
+    for a large factor the two diagonal blocks and one off-diagonal block are 3/4 of the
+    work of the whole product."""
+    k = cols.shape[0]
+    if k < SPLIT_GRAM_ROWS:
+        acc.addmm_(cols, cols.T, alpha=alpha)
+        return
+    h = k // 2
+    top, bottom = cols[:h], cols[h:]
+    acc[:h, :h].addmm_(top, top.T, alpha=alpha)
+    acc[h:, :h].addmm_(bottom, top.T, alpha=alpha)
+    acc[h:, h:].addmm_(bottom, bottom.T, alpha=alpha)
+
+
+def _gram(blocks: Iterable[tuple[Tensor, float]]) -> Tensor:
+    """``Σ alpha · cols colsᵀ`` over ``(cols, alpha)`` blocks of equal row count."""
+    acc = None
+    for cols, alpha in blocks:
+        if acc is None:
+            acc = cols.new_zeros(cols.shape[0], cols.shape[0])
+        _add_gram_(acc, cols, alpha)
+    return _mirror_(acc)
+
+
+def _mirror_(gram: Tensor) -> Tensor:
+    """The symmetric matrix whose lower triangle :func:`_add_gram_` accumulated."""
+    k = gram.shape[0]
+    if k >= SPLIT_GRAM_ROWS:
+        h = k // 2
+        gram[:h, h:] = gram[h:, :h].T
+    return gram
+
+
+#: bytes of one block of convolution patches (kept in cache while its Gram is formed)
+PATCH_BLOCK_BYTES = 2 << 20
+
+
+def _conv_column_blocks(x: Tensor, m: nn.Module, ones: bool) -> Iterator[Tensor]:
+    """Receptive fields of the convolution ``m`` as blocks of ``Xᵀ`` (a few examples each),
+    shape ``(C·Πk [+1], rows)``, the last row ones when ``ones``.
 
     Row order ``(C, k_1, ..., k_d)`` is ``F.unfold``'s (and the flattened weight's); columns
     ``(N, o_1, ..., o_d)`` are the output positions in order. The padding is the module's
     own (any ``padding_mode``, numeric or string padding), so the patches are exactly what
-    the convolution saw; only the padding and the final reshape copy the input.
+    the convolution saw.
     """
     d = x.dim() - 2
     pad = m._reversed_padding_repeated_twice  # what nn.ConvNd itself uses
@@ -589,8 +618,19 @@ def _conv_columns(x: Tensor, m: nn.Module) -> Tensor:
             v = v[..., ::dil]
     # v: (N, C, o_1..o_d, k_1..k_d) → (C, k_1..k_d, N, o_1..o_d)
     perm = [1, *range(2 + d, 2 + 2 * d), 0, *range(2, 2 + d)]
-    rows = v.shape[1] * math.prod(m.kernel_size)
-    return v.permute(perm).reshape(rows, -1)
+    features = v.shape[1] * math.prod(m.kernel_size)
+    positions = math.prod(v.shape[2 : 2 + d])
+    rows = features + ones
+    chunk = max(1, PATCH_BLOCK_BYTES // (rows * positions * x.element_size()))
+    storage = x.new_empty(rows * min(chunk, v.shape[0]) * positions)
+    for lo in range(0, v.shape[0], chunk):
+        part = v[lo : lo + chunk].permute(perm)  # (C, k_1..k_d, count, o_1..o_d)
+        count = part.shape[1 + d]
+        cols = storage[: rows * count * positions].view(rows, count * positions)
+        cols[:features].view(part.shape).copy_(part)
+        if ones:
+            cols[features].fill_(1.0)
+        yield cols
 
 
 def kronecker_supported(module: nn.Module) -> bool:

@@ -175,7 +175,8 @@ class KroneckerFactors:
         if self.rank is None or self.rank >= n:
             vals, vecs = sym_eig(mat, label)
             return vals, vecs, mat.new_zeros(())
-        gen = torch.Generator(device=mat.device)
+        # a CPU generator whatever the device: CPU and CUDA runs draw the same sketches
+        gen = torch.Generator()
         gen.manual_seed(zlib.crc32(label.encode()) * 1000 + int(self.refreshes))
         warm = previous is not None and previous.shape == (n, self.rank)
         vals, vecs = randomized_eigh(

@@ -44,6 +44,14 @@ logger = logging.getLogger(__name__)
 Scales = tuple[float, float, float]
 
 
+def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Per-tensor dot products ``aᵢ·bᵢ`` in four fused ops: ``(‖a+b‖² − ‖a−b‖²)/4``."""
+    a, b = list(a), list(b)
+    plus = torch.stack(torch._foreach_norm(torch._foreach_add(a, b)))
+    minus = torch.stack(torch._foreach_norm(torch._foreach_sub(a, b)))
+    return (plus.square() - minus.square()) / 4
+
+
 class NonFiniteGradientWarning(RuntimeWarning):
     """Issued (once per optimizer) when a step is skipped for NaN/Inf gradients."""
 
@@ -195,6 +203,8 @@ class CurvatureOptimizer(Optimizer):
         self._step_factors: list[float] = []
         self._warned_nonfinite = False
         self._warned_missing = False
+        #: whether some parameter is in half precision (its gradient is widened to float32)
+        self._narrow = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params)
         self.engine.arm(True)
 
     # -- the step ----------------------------------------------------------------------
@@ -254,6 +264,8 @@ class CurvatureOptimizer(Optimizer):
         block has not received data yet."""
         ready = self.engine.ready()
         out: dict[int, dict[str, Any]] = {}
+        if all(ready) and all(gr is not None for gr in grads):
+            return out  # the usual case
         for bi, slot in enumerate(self.engine.slots):
             for i in slot:
                 if grads[i] is None or not ready[bi]:
@@ -314,9 +326,14 @@ class CurvatureOptimizer(Optimizer):
     def _full_gradient(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
         """``g_k`` of DESIGN section 3: the gradient including the weight-decay term, in at
         least float32 (zero for a tensor without gradient)."""
-        params = [widen(p.detach()) for p in self._params]
-        grads = [widen(gr) if gr is not None else torch.zeros_like(p)
-                 for gr, p in zip(grads, params, strict=True)]
+        if self._narrow:
+            params = [widen(p.detach()) for p in self._params]
+            grads = [widen(gr) if gr is not None else torch.zeros_like(p)
+                     for gr, p in zip(grads, params, strict=True)]
+        else:
+            params = self._params
+            grads = [gr if gr is not None else torch.zeros_like(p)
+                     for gr, p in zip(grads, params, strict=True)]
         wds = {g["weight_decay"] for g in self.param_groups}
         if len(wds) == 1:  # the usual case: one fused op over all tensors
             wd = wds.pop()
@@ -339,10 +356,7 @@ class CurvatureOptimizer(Optimizer):
         lrs = [self._lr(i) for i in range(len(d))]
         nu = 1.0
         if self.kl_clip is not None:
-            a, b = self._kl_terms(d, u)
-            dots = torch.stack(
-                [torch.dot(ai.reshape(-1), bi.reshape(-1)) for ai, bi in zip(a, b, strict=True)]
-            )
+            dots = _dots(*self._kl_terms(d, u))
             if len(set(lrs)) == 1:
                 vdotu = lrs[0] * lrs[0] * float(dots.sum())
             else:
