@@ -550,6 +550,13 @@ def test_regression_reaches_noise_floor():
     ytr = target(xtr) + sigma * torch.randn(4096, 1)
     xte = torch.rand(2048, 2) * 4 - 2
     yte = target(xte) + sigma * torch.randn(2048, 1)
+    # the task `kldwrm reproduce --task regression` studies is this one, sample for sample
+    from kldwrm.experiments.data import sincos_regression
+
+    study = sincos_regression()
+    for a, b in ((xtr, study.x_train), (ytr, study.y_train), (xte, study.x_test),
+                 (yte, study.y_test)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
                           nn.Linear(32, 1))
     opt = QEKLDWRM(model, lr=0.05, likelihood="gaussian", weight_decay=0.0, kl_clip=None,

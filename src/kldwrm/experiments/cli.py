@@ -247,7 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--solvers", nargs="+", default=["kfac", "so", "q", "qe"], choices=_OPTIMIZERS)
     p.add_argument("--seeds", nargs="+", default=["0-9"], help="default 0-9")
-    p.add_argument("--epochs", type=_positive_int, default=50)
+    p.add_argument(
+        "--task",
+        choices=("mnist", "fashion-mnist", "regression"),
+        default=None,
+        help="a named task: its data set, model, batch size, epochs and settings "
+        "(regression: the eq. 35 task of the QE tests); default: the --dataset given",
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=None, help="default: 50 (the task's)"
+    )
     p.add_argument(
         "--workers", type=_positive_int, default=None, help="parallel runs (default: CPUs)"
     )
@@ -631,12 +640,15 @@ def _sweep_fields(args: argparse.Namespace) -> dict:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import ReproduceOptions, released
+    from .reproduce import ReproduceOptions, for_task, released
 
     out = args.out or ("runs/reproduce-released" if args.as_released else "runs/reproduce")
-    options = ReproduceOptions(
-        out=out, solvers=tuple(args.solvers), lr=args.lr, **_sweep_fields(args)
-    )
+    fields = {**_sweep_fields(args), "epochs": args.epochs or 50}
+    options = ReproduceOptions(out=out, solvers=tuple(args.solvers), lr=args.lr, **fields)
+    if args.task:
+        options = for_task(options, args.task)
+        if args.epochs is not None:
+            options = replace(options, epochs=args.epochs)
     if args.as_released:
         options = released(options)
     if args.empirical_fisher:

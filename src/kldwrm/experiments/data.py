@@ -56,6 +56,7 @@ __all__ = [
     "num_batches",
     "read_idx",
     "regression_data",
+    "sincos_regression",
 ]
 
 #: File roles in the order (train images, train labels, test images, test labels).
@@ -124,7 +125,7 @@ DATASETS: dict[str, _IdxSpec] = {
 }
 
 #: Names accepted by :func:`load_dataset` (the IDX data sets plus the synthetic one).
-DATASET_NAMES: tuple[str, ...] = (*DATASETS, "regression")
+DATASET_NAMES: tuple[str, ...] = (*DATASETS, "regression", "sincos")
 
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 
@@ -437,6 +438,24 @@ def regression_data(
     return TensorData("regression", "regression", xtr, ytr, xte, yte, noise_std=noise_std)
 
 
+def sincos_regression(
+    n_train: int = 4096, n_test: int = 2048, noise_std: float = 0.1, seed: int = 0
+) -> TensorData:
+    """The regression task of the QE tests (eq. 35): ``x ~ U[-2, 2]²``,
+    ``y = sin(2 x1) cos(1.5 x2) + 0.3 x1 + noise``, ``noise ~ N(0, noise_std²)``; the test
+    MSE of the true function is ``noise_std²`` in expectation."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.rand(n, 2, generator=gen) * 4 - 2
+        f = torch.sin(2.0 * x[:, :1]) * torch.cos(1.5 * x[:, 1:]) + 0.3 * x[:, :1]
+        return x, f + noise_std * torch.randn(n, 1, generator=gen)
+
+    xtr, ytr = make(n_train)
+    xte, yte = make(n_test)
+    return TensorData("sincos", "regression", xtr, ytr, xte, yte, noise_std=noise_std)
+
+
 def load_dataset(
     name: str = "mnist",
     data_dir: str | os.PathLike[str] | None = None,
@@ -448,7 +467,7 @@ def load_dataset(
     subset: int | None = None,
     download: bool = True,
 ) -> TensorData:
-    """Load a data set by name ("mnist", "fashion-mnist" or "regression").
+    """Load a data set by name ("mnist", "fashion-mnist", "regression" or "sincos").
 
     Args:
         name: data set name.
@@ -466,8 +485,8 @@ def load_dataset(
         ChecksumError: a file is truncated or corrupted (message names it).
     """
     key = _canonical_name(name)
-    if key == "regression":
-        data = regression_data()
+    if key in ("regression", "sincos"):
+        data = regression_data() if key == "regression" else sincos_regression()
         source = None
     else:
         directory, searched = find_dataset_dir(key, data_dir)

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "build_model", "mlp", "paper_cnn", "regression_mlp", "resnet_small"]
+__all__ = ["MODELS", "build_model", "mlp", "paper_cnn", "regression_mlp", "resnet_small",
+           "sincos_mlp"]
 
 
 def paper_cnn(num_classes: int = 10, dropout: float = 0.5) -> nn.Sequential:
@@ -115,11 +116,17 @@ def regression_mlp(
     return nn.Sequential(*layers)
 
 
+def sincos_mlp() -> nn.Sequential:
+    """The 2-32-32-1 tanh MLP of the QE regression test (data: ``sincos``)."""
+    return regression_mlp(in_dim=2, hidden=(32, 32), out_dim=1)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "paper-cnn": paper_cnn,
     "mlp": mlp,
     "resnet-small": resnet_small,
     "regression-mlp": regression_mlp,
+    "sincos-mlp": sincos_mlp,
 }
 
 

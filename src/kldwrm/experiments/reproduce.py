@@ -65,6 +65,8 @@ __all__ = [
     "load_sweep_data",
     "plan_runs",
     "released",
+    "for_task",
+    "TASKS",
     "reproduce",
     "run_sweep",
     "solver_hyperparameters",
@@ -110,6 +112,35 @@ class ReproduceOptions:
     qe_released: bool = False
     #: extra keyword arguments per solver, applied last (e.g. {"qe": {"inner_lr": 0.05}})
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+_REGRESSION_SHARED = dict(lr=0.05, weight_decay=0.0, kl_clip=None, update_freq=10,
+                          likelihood="gaussian")
+#: named tasks of ``kldwrm reproduce --task``: what each sets in :class:`ReproduceOptions`.
+#: ``regression`` is the eq. 35 task of the QE tests (``sincos`` data, 2-32-32-1 tanh MLP,
+#: batch 256, 30 epochs) with the tests' settings: lr 0.05, no weight decay, no KL clip,
+#: N_u 10, unit-variance gaussian likelihood; QE window 3, 5 inner steps, inner lr 0.02,
+#: momentum 0.5
+TASKS: dict[str, dict[str, Any]] = {
+    "mnist": dict(dataset="mnist", model="paper-cnn", epochs=50, batch_size=512),
+    "fashion-mnist": dict(dataset="fashion-mnist", model="paper-cnn", epochs=50,
+                          batch_size=512),
+    "regression": dict(
+        dataset="sincos", model="sincos-mlp", epochs=30, batch_size=256,
+        overrides={
+            **{s: dict(_REGRESSION_SHARED) for s in ("kfac", "so", "q")},
+            "qe": dict(_REGRESSION_SHARED, window=3, inner_steps=5, inner_lr=0.02,
+                       inner_momentum=0.5, kl_weight=1.0 / 330),
+        },
+    ),
+}
+
+
+def for_task(options: ReproduceOptions, task: str) -> ReproduceOptions:
+    """``options`` with the data set, model, epochs, batch size and settings of ``task``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    return replace(options, **TASKS[task])
 
 
 def released(options: ReproduceOptions) -> ReproduceOptions:
