@@ -7,13 +7,13 @@ from .blocks import (
     BIAS_MODES,
     BiasBlock,
     Block,
-    DiagonalBlock,
     FactoredBlock,
     KroneckerBlock,
     kronecker_supported,
 )
 from .capture import FISHER_TYPES, LIKELIHOODS, Capture
 from .dense import DenseBlock
+from .diagonal import DiagonalBlock
 from .engine import CURVATURES, DENSE_SCOPES, CurvatureEngine, unwrap
 from .linalg import CurvatureError, sym_eig
 

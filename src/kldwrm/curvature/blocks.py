@@ -15,17 +15,15 @@ Vectors are lists of tensors shaped like the block's parameters.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import widen
-from .kron import EXACT_SOLVE_RTOL, KroneckerFactors, ea_update
+from .kron import EXACT_SOLVE_RTOL, KroneckerFactors
 from .linalg import CurvatureError
+from .statistics import conv_column_blocks, gram
 
 
 class Block(ABC):
@@ -307,7 +305,7 @@ class KroneckerBlock(FactoredBlock):
         """
         x = x.to(self.dtype)
         if isinstance(self.module, _ConvNd):
-            yield from _conv_column_blocks(x, self.module, self.has_bias)
+            yield from conv_column_blocks(x, self.module, self.has_bias)
             return
         cols = x.reshape(-1, x.shape[-1])
         if rows is not None:
@@ -338,10 +336,10 @@ class KroneckerBlock(FactoredBlock):
         """
         pairs = list(zip(capture.inputs[self.module], capture.input_calls[self.module],
                          strict=True))
-        gram = _gram((cols, 1.0) for x, call in pairs
+        total = gram((cols, 1.0) for x, call in pairs
                      for cols in self._column_blocks(x, self._rows(capture, x, call)))
         n = sum(capture.examples[call] for _, call in pairs)
-        return gram.div_(n), float(n)
+        return total.div_(n), float(n)
 
     def _output_factor(self, capture) -> tuple[Tensor, float]:
         """``Γ = (1/R) Σ δ δᵀ`` over the ``R`` counted rows of output gradients, and ``R``."""
@@ -350,7 +348,7 @@ class KroneckerBlock(FactoredBlock):
                   for d, call in zip(capture.deltas[self.module],
                                      capture.delta_calls[self.module], strict=True)]
         rows = sum(cols.shape[1] for cols, _ in blocks)
-        return _gram(blocks).div_(max(rows, 1)), float(rows)
+        return gram(blocks).div_(max(rows, 1)), float(rows)
 
     def fresh(self, capture, grads):
         if not self._has_data(capture):
@@ -418,7 +416,7 @@ class BiasBlock(FactoredBlock):
                   for d, call in zip(capture.deltas[self.module],
                                      capture.delta_calls[self.module], strict=True)]
         n = sum(sums.shape[1] for sums, _ in blocks)
-        return _gram(blocks).div_(max(n, 1)), float(n)
+        return gram(blocks).div_(max(n, 1)), float(n)
 
     def fresh(self, capture, grads):
         if not capture.deltas.get(self.module):
@@ -442,195 +440,7 @@ class BiasBlock(FactoredBlock):
         return [mat[:, 0].contiguous()]
 
 
-class DiagonalBlock(Block):
-    """Diagonal block for any other tensor (BatchNorm, LayerNorm, embeddings, ...).
-
-    The fresh estimate is ``N·ḡ²`` with ``ḡ`` the batch-mean gradient (of the sampled-label
-    loss for ``fisher="mc"``, of the training loss for ``"empirical"``): for zero-mean
-    per-example scores ``E[N ḡ²] = diag(F)``, so it estimates the Fisher diagonal without
-    per-example gradients.
-    """
-
-    kind = "diagonal"
-
-    def __init__(self, param: nn.Parameter, name: str) -> None:
-        super().__init__([param], name)
-        self.F_bar: Tensor | None = None
-        self.F_fresh: Tensor | None = None
-
-    def fresh(self, capture, grads):
-        p = self.params[0]
-        if capture.fisher == "mc":
-            est = capture.diag_sq.get(p)
-            return None if est is None else {"F": est}
-        if grads[0] is None:
-            return None
-        return {"F": widen(grads[0]).square() * capture.num_examples()}
-
-    def distributed_fresh(self, capture, grads):
-        """The estimate ``N·ḡ²`` of the concatenated batch (``N`` the global batch size).
-
-        ``"empirical"``: ``ḡ`` is the gradient DDP already averaged over ranks, so the
-        ranks' ``N_r·ḡ²`` are summed (``seen`` counts the ranks that had a gradient).
-        ``"mc"``: each rank's mean sampled-label gradient ``ḡ_r`` is averaged with weight
-        ``N_r`` and squared afterwards (:meth:`finish_distributed`), not the ranks' squares
-        averaged.
-        """
-        p = self.params[0]
-        if capture.fisher != "mc":
-            est = self.fresh(capture, grads)
-            seen = p.new_ones(1, dtype=torch.float32)
-            if est is None:
-                est, seen = {"F": self._zeros()}, seen.zero_()
-            return {"F": est["F"], "seen": seen}, {"F": None, "seen": None}
-        g = capture.diag_grad.get(p)
-        if g is None:
-            return self.empty_statistics()
-        n = float(capture.num_examples())
-        return {"gbar": g / n}, {"gbar": n}
-
-    def _zeros(self) -> Tensor:
-        p = self.params[0]
-        return p.new_zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32))
-
-    def empty_statistics(self):
-        return {"gbar": self._zeros()}, {"gbar": 0.0}
-
-    def finish_distributed(self, stats, totals):
-        if "gbar" in stats:
-            if totals["gbar"] == 0:
-                return None
-            return {"F": stats["gbar"].square() * totals["gbar"]}
-        if float(stats["seen"].sum()) == 0:
-            return None
-        return {"F": stats["F"]}
-
-    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
-        self.F_fresh = fresh["F"]
-        self.F_bar = ea_update(self.F_bar, fresh["F"], rho)
-        self.initialized = True
-
-    def drop_fresh(self) -> None:
-        self.F_fresh = None
-
-    def keep_average(self) -> None:
-        self.F_fresh = self.F_bar
-
-    def _diag(self, damping: float, e: float, f: float) -> Tensor:
-        d = self.F_bar * e + damping
-        if f != 0.0:
-            d = d + f * self.F_fresh
-        return d
-
-    def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
-        self._check_ready()
-        return [vecs[0] / self._diag(damping, ea_scale, fresh_scale)]
-
-    def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
-        return [vecs[0] * self._diag(damping, ea_scale, fresh_scale)]
-
-    # the standard basis is the eigenbasis of a diagonal matrix
-    def to_eigenbasis(self, vecs):
-        return [vecs[0]]
-
-    def from_eigenbasis(self, coords):
-        return [coords[0]]
-
-    def eigenvalues(self, ea_scale, damping):
-        self._check_ready()
-        return [self._diag(damping, ea_scale, 0.0)]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {} if self.F_bar is None else {"F_bar": self.F_bar}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.F_bar = state.get("F_bar")
-        if self.F_bar is not None:
-            self.F_bar = self.F_bar.to(self.params[0].device)
-        self.initialized = self.F_bar is not None
-        self.F_fresh = None
-
-
 _ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-#: Gram products of this many rows or more compute their lower triangle in two halves
-SPLIT_GRAM_ROWS = 96
-
-
-def _add_gram_(acc: Tensor, cols: Tensor, alpha: float = 1.0) -> None:
-    """``acc += alpha · cols colsᵀ`` on and below the diagonal only (then :func:`_mirror_`):
-    for a large factor the two diagonal blocks and one off-diagonal block are 3/4 of the
-    work of the whole product."""
-    k = cols.shape[0]
-    if k < SPLIT_GRAM_ROWS:
-        acc.addmm_(cols, cols.T, alpha=alpha)
-        return
-    h = k // 2
-    top, bottom = cols[:h], cols[h:]
-    acc[:h, :h].addmm_(top, top.T, alpha=alpha)
-    acc[h:, :h].addmm_(bottom, top.T, alpha=alpha)
-    acc[h:, h:].addmm_(bottom, bottom.T, alpha=alpha)
-
-
-def _gram(blocks: Iterable[tuple[Tensor, float]]) -> Tensor:
-    """``Σ alpha · cols colsᵀ`` over ``(cols, alpha)`` blocks of equal row count."""
-    acc = None
-    for cols, alpha in blocks:
-        if acc is None:
-            acc = cols.new_zeros(cols.shape[0], cols.shape[0])
-        _add_gram_(acc, cols, alpha)
-    return _mirror_(acc)
-
-
-def _mirror_(gram: Tensor) -> Tensor:
-    """The symmetric matrix whose lower triangle :func:`_add_gram_` accumulated."""
-    k = gram.shape[0]
-    if k >= SPLIT_GRAM_ROWS:
-        h = k // 2
-        gram[:h, h:] = gram[h:, :h].T
-    return gram
-
-
-#: bytes of one block of convolution patches (kept in cache while its Gram is formed)
-PATCH_BLOCK_BYTES = 2 << 20
-
-
-def _conv_column_blocks(x: Tensor, m: nn.Module, ones: bool) -> Iterator[Tensor]:
-    """Receptive fields of the convolution ``m`` as blocks of ``Xᵀ`` (a few examples each),
-    shape ``(C·Πk [+1], rows)``, the last row ones when ``ones``.
-
-    Row order ``(C, k_1, ..., k_d)`` is ``F.unfold``'s (and the flattened weight's); columns
-    ``(N, o_1, ..., o_d)`` are the output positions in order. The padding is the module's
-    own (any ``padding_mode``, numeric or string padding), so the patches are exactly what
-    the convolution saw.
-    """
-    d = x.dim() - 2
-    pad = m._reversed_padding_repeated_twice  # what nn.ConvNd itself uses
-    if any(pad):
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    v = x
-    for i in range(d):
-        k, s, dil = m.kernel_size[i], m.stride[i], m.dilation[i]
-        v = v.unfold(2 + i, (k - 1) * dil + 1, s)  # the window goes to the last dimension
-        if dil > 1:
-            v = v[..., ::dil]
-    # v: (N, C, o_1..o_d, k_1..k_d) → (C, k_1..k_d, N, o_1..o_d)
-    perm = [1, *range(2 + d, 2 + 2 * d), 0, *range(2, 2 + d)]
-    features = v.shape[1] * math.prod(m.kernel_size)
-    positions = math.prod(v.shape[2 : 2 + d])
-    rows = features + ones
-    chunk = max(1, PATCH_BLOCK_BYTES // (rows * positions * x.element_size()))
-    storage = x.new_empty(rows * min(chunk, v.shape[0]) * positions)
-    for lo in range(0, v.shape[0], chunk):
-        part = v[lo : lo + chunk].permute(perm)  # (C, k_1..k_d, count, o_1..o_d)
-        count = part.shape[1 + d]
-        cols = storage[: rows * count * positions].view(rows, count * positions)
-        cols[:features].view(part.shape).copy_(part)
-        if ones:
-            cols[features].fill_(1.0)
-        yield cols
 
 
 def kronecker_supported(module: nn.Module) -> bool:
@@ -649,7 +459,6 @@ __all__ = [
     "BiasBlock",
     "Block",
     "CurvatureError",
-    "DiagonalBlock",
     "EXACT_SOLVE_RTOL",
     "FactoredBlock",
     "KroneckerBlock",

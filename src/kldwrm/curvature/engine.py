@@ -18,13 +18,13 @@ from ..distributed import all_reduce_weighted_, is_distributed
 from .blocks import (
     BiasBlock,
     Block,
-    DiagonalBlock,
     FactoredBlock,
     KroneckerBlock,
     kronecker_supported,
 )
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
+from .diagonal import DiagonalBlock
 
 CURVATURES = ("kron", "dense")
 
