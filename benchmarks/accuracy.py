@@ -23,7 +23,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,17 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 2000) -> float
 
 
 def train(method: str, seed: int, data: tuple[Tensor, ...], epochs: int, device: torch.device,
-          batch: int = 512, **kw: object) -> list[tuple[float, float]]:
-    """``(test accuracy, cumulative training seconds)`` after each epoch."""
+          batch: int = 512, build: Callable[[], nn.Module] = paper_cnn, **kw: object
+          ) -> list[tuple[float, float]]:
+    """``(test accuracy, cumulative training seconds)`` after each epoch.
+
+    ``build`` makes the network (the paper CNN by default). The initial weights and the
+    order of the training examples depend on ``seed`` only, not on ``method`` (a rank in
+    the name, as ``kfac-r64``, is passed on as ``rank=``).
+    """
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = paper_cnn().to(device)
+    model = build().to(device)
     opt = make(method, model, **kw)
     g = torch.Generator().manual_seed(seed)
     spent = 0.0
@@ -88,11 +94,17 @@ def first_reach(hist: Sequence[tuple[float, float]], level: float) -> tuple[floa
     return math.inf, math.inf
 
 
+def normalised_mnist() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST (train images, labels, test images, labels), inputs normalised with
+    :data:`MEAN` / :data:`STD`, train and test alike."""
+    xtr, ytr, xte, yte = load_mnist()
+    return (xtr - MEAN) / STD, ytr, (xte - MEAN) / STD, yte
+
+
 def run(methods: Sequence[str], epochs: int, seeds: int, sweep_epochs: int,
         device: torch.device) -> tuple[list[dict], dict[str, dict]]:
     """Rows per method and the sweep results."""
-    xtr, ytr, xte, yte = load_mnist()
-    data = ((xtr - MEAN) / STD, ytr, (xte - MEAN) / STD, yte)
+    data = normalised_mnist()
     sweeps: dict[str, dict] = {}
     rows = []
     for m in available_methods(methods):
@@ -138,7 +150,7 @@ def format_rows(rows: Sequence[dict], sweeps: dict[str, dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="sgd,adam,kfac,so,q,qe")
+    p.add_argument("--methods", default="sgd,adam,kfac,so,q,qe", help="a rank as in kfac-r128")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--sweep-epochs", type=int, default=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -26,6 +27,10 @@ import kldwrm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 ALL_METHODS = ("sgd", "adam", "kfac", "so", "q", "qe")
+#: the first-order baselines (``torch.optim``); every other method has a curvature engine
+FIRST_ORDER = ("sgd", "adam")
+#: ``<method>-r<rank>``: a curvature method with ``rank=<rank>`` (e.g. ``kfac-r128``)
+_RANKED = re.compile(r"^(?P<base>[a-z]+)-r(?P<rank>[0-9]+)$")
 
 
 # -- models ------------------------------------------------------------------------------
@@ -38,12 +43,17 @@ def paper_cnn() -> nn.Sequential:
     )
 
 
-def mlp() -> nn.Sequential:
-    """MLP 784-1024-1024-10 with ReLU (1.86 M parameters)."""
+def mlp(width: int = 1024) -> nn.Sequential:
+    """MLP 784-width-width-10 with ReLU (1.86 M parameters at the default width 1024)."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-        nn.Linear(1024, 10),
+        nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, 10),
     )
+
+
+def mlp_wide() -> nn.Sequential:
+    """MLP 784-4096-4096-10 with ReLU (20.0 M parameters)."""
+    return mlp(4096)
 
 
 class _Residual(nn.Module):
@@ -76,13 +86,18 @@ def resnet_small() -> nn.Sequential:
 
 @dataclass(frozen=True)
 class Workload:
-    """A model builder with its input shape and batch size."""
+    """A model builder with its input shape and batch size.
+
+    ``max_rounds`` caps the timed rounds of a step-time cell (``None``: no cap) for a
+    workload whose exact curvature step takes seconds; such a cell is marked *short*.
+    """
 
     key: str
     label: str
     build: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     batch: int
+    max_rounds: int | None = None
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -91,6 +106,10 @@ WORKLOADS: dict[str, Workload] = {
     "resnet": Workload(
         "resnet", "(c) residual CNN + BatchNorm, 3x32x32, batch 128", resnet_small,
         (3, 32, 32), 128,
+    ),
+    "mlp-wide": Workload(
+        "mlp-wide", "(d) MLP 784-4096-4096-10, batch 256 (short cell: one timed round)",
+        mlp_wide, (1, 28, 28), 256, max_rounds=1,
     ),
 }
 
@@ -108,11 +127,34 @@ def synthetic_batches(w: Workload, n: int, device: torch.device, seed: int = 0
 
 
 # -- optimizers ---------------------------------------------------------------------------
+def parse_method(name: str) -> tuple[str, dict[str, int]]:
+    """``"kfac-r128"`` → ``("kfac", {"rank": 128})``; ``"kfac"`` → ``("kfac", {})``.
+
+    Raises ``ValueError`` for an unknown optimizer, a rank on SGD/Adam or a rank < 1.
+    """
+    match = _RANKED.match(name)
+    base, extra = (match["base"], {"rank": int(match["rank"])}) if match else (name, {})
+    if base not in ALL_METHODS:
+        raise ValueError(f"unknown method {name!r}: choose from {', '.join(ALL_METHODS)}, "
+                         "or a curvature method with a rank such as kfac-r128")
+    if extra and (base in FIRST_ORDER or extra["rank"] < 1):
+        raise ValueError(f"{name!r}: a rank >= 1 applies to kfac, so, q and qe only")
+    return base, extra
+
+
+def is_curvature(name: str) -> bool:
+    """Whether ``name`` (with or without a rank) is one of this library's optimizers."""
+    return parse_method(name)[0] not in FIRST_ORDER
+
+
 def available_methods(requested: Sequence[str] = ALL_METHODS) -> list[str]:
-    """The requested methods that can be built here (``qe`` only if its module exists)."""
+    """The requested methods that can be built here (``qe`` only if its module exists).
+
+    Names are checked with :func:`parse_method` (a bad name raises ``ValueError``).
+    """
     out = []
     for m in requested:
-        if m == "qe":
+        if parse_method(m)[0] == "qe":
             try:
                 from kldwrm.optim.qe import QEKLDWRM  # noqa: F401
             except ImportError:
@@ -123,8 +165,10 @@ def available_methods(requested: Sequence[str] = ALL_METHODS) -> list[str]:
 
 
 def make(name: str, model: nn.Module, **kw: object) -> torch.optim.Optimizer:
-    """``kldwrm.make_optimizer`` (the paper settings, DESIGN section 4) with overrides."""
-    return kldwrm.make_optimizer(name, model, **kw)
+    """``kldwrm.make_optimizer`` (the paper settings, DESIGN section 4) with overrides;
+    ``name`` may carry a rank (``kfac-r128`` is ``make_optimizer("kfac", model, rank=128)``)."""
+    base, extra = parse_method(name)
+    return kldwrm.make_optimizer(base, model, **{**extra, **kw})
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

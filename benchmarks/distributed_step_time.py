@@ -29,9 +29,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-import kldwrm
 from kldwrm.curvature.traffic import communication_bytes
 from kldwrm.experiments.models import mlp, paper_cnn
+
+from .common import make
 
 GLOBAL_BATCH = 512
 
@@ -66,7 +67,7 @@ def _time_steps(name: str, steps: int, warmup: int, rank: int, world: int) -> li
     torch.manual_seed(0)
     model = paper_cnn()
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = kldwrm.make_optimizer(name, net, update_freq=30)
+    opt = make(name, net, update_freq=30)
     per = GLOBAL_BATCH // world
     times = []
     for i, (x, y) in enumerate(_batches(warmup + steps)):
@@ -138,7 +139,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--optimizers", nargs="+", default=["kfac", "q"])
+    p.add_argument("--optimizers", nargs="+", default=["kfac", "q"],
+                   help="names as in kfac-r128 for a rank")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

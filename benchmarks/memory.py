@@ -33,7 +33,7 @@ from .common import (
     peak_rss_bytes,
     state_bytes,
 )
-from .step_time import build_runners
+from .step_time import build_runners, workload_label
 
 
 def _one(workload: str, method: str, device: str, update_freq: int, threads: int) -> dict:
@@ -75,15 +75,21 @@ def measure(workload: str, methods: Sequence[str], device: str, update_freq: int
 
 
 def format_rows(rows: Sequence[dict], device: str = "cpu") -> str:
-    """Markdown table (MiB, and state in units of the parameter count)."""
-    kind = "peak RSS" if device == "cpu" else "peak allocated"
+    """Markdown table (MiB, and state in units of the parameter count).
+
+    The peak is the RSS for CPU rows and ``torch.cuda.max_memory_allocated`` for CUDA rows
+    (a row's ``device``, else ``device``); a CUDA row's workload names its device.
+    """
+    devices = {r.get("device", device) for r in rows} or {device}
+    kinds = ["peak RSS" if d == "cpu" else "peak allocated" for d in sorted(devices)]
+    kind = " / ".join(dict.fromkeys(kinds))
     mib = 2.0**20
     out = [f"| workload | method | params | {kind} MiB | above start MiB | state bytes "
            "| of which curvature | per-parameter state / (4 B x params) |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
-            f"| {r['workload']} | {r['method']} | {r['params']:,} | {r['peak'] / mib:.1f} "
+            f"| {workload_label(r)} | {r['method']} | {r['params']:,} | {r['peak'] / mib:.1f} "
             f"| {(r['peak'] - r['base']) / mib:.1f} | {r['state']:,} | {r['factors']:,} "
             f"| {r['per_param']:.2f}x |"
         )
@@ -94,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", nargs=2, metavar=("WORKLOAD", "METHOD"))
     p.add_argument("--workload", choices=list(WORKLOADS), action="append")
-    p.add_argument("--methods", default="sgd,adam,kfac,so,q,qe")
+    p.add_argument("--methods", default="sgd,adam,kfac,so,q,qe", help="a rank as in kfac-r128")
     p.add_argument("--device", default="cpu")
     p.add_argument("--update-freq", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)

@@ -5,17 +5,27 @@ Usage (from the repository root, after ``pip install -c constraints.txt -e ".[ex
     python -m benchmarks.run                     # every stage, full size (~2-3 h on 2 cores)
     python -m benchmarks.run --quick             # smaller: 60-step secondary cells, 2 epochs
     python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30
+    python -m benchmarks.run --stages step_time --workloads mlp,mlp-wide --update-freqs 30 \
+        --methods sgd,kfac,kfac-r128,so-r128,q-r128   # issue 13: low rank, width
+    python -m benchmarks.run --stages rank_tradeoff   # issue 13: accuracy against rank
     python -m benchmarks.run --device cuda       # the same suite on a GPU
+    python -m benchmarks.run --render-only       # rebuild the Markdown from the store
+    python -m benchmarks.run --merge gpu_check/benchmarks.json   # add another store's runs
 
 Stages: ``step_time`` (per-step wall time, interleaved rounds), ``refresh`` (the refresh
 step itemised), ``memory`` (peak memory and optimizer state), ``accuracy`` (time to 97%
-and 98% test accuracy on MNIST) and ``kfac_vs_sgd`` (issue 2's figure, three repeats).
+and 98% test accuracy on MNIST), ``kfac_vs_sgd`` (issue 2's figure, three repeats) and
+``rank_tradeoff`` (K-FAC exact and low rank on the MNIST MLP: accuracy and seconds).
+Method names may carry a rank: ``kfac-r128`` is ``make_optimizer("kfac", model,
+rank=128)``. The workload ``mlp-wide`` (784-4096-4096-10) is not in the default list: its
+exact curvature step takes seconds, so its step-time cell is one timed round (short).
 
 Every measurement is stored with the run that produced it in ``docs/benchmarks.json``;
-a run replaces only the cells it measures (a step-time cell is a workload, N_u and
+a run replaces only the cells it measures (a step-time cell is a workload, N_u, method and
 device), and the Markdown is rendered from the whole store, so a partial rerun keeps the
 other figures and the page says which run (command, date, machine, load) produced each
-table. ``--fresh`` starts an empty store. Not part of the test suite.
+table; a figure not in the store is rendered as "not measured yet" with its command.
+``--fresh`` starts an empty store. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ import datetime as dt
 import json
 import math
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -33,11 +42,24 @@ from pathlib import Path
 
 import torch
 
-from . import accuracy, kfac_vs_sgd, memory, refresh, step_time
-from .common import ALL_METHODS, REPO_ROOT, available_methods, machine_info
+from . import accuracy, kfac_vs_sgd, memory, rank_tradeoff, refresh, step_time, targets
+from .common import ALL_METHODS, REPO_ROOT, available_methods, machine_info, parse_method
 
-STAGES = ("step_time", "refresh", "memory", "accuracy", "kfac_vs_sgd")
-WORKLOADS = ("cnn", "mlp", "resnet")
+STAGES = ("step_time", "refresh", "memory", "accuracy", "kfac_vs_sgd", "rank_tradeoff")
+WORKLOADS = tuple(step_time.WORKLOADS)
+DEFAULT_WORKLOADS = ("cnn", "mlp", "resnet")
+#: the fields that identify a row of each stage (a new row replaces the stored one)
+STAGE_KEYS = {
+    "step_time": ("workload", "update_freq", "method", "device"),
+    "refresh": ("workload", "method", "device"),
+    "memory": ("workload", "method", "device"),
+    "accuracy": ("method", "device"),
+    "rank_tradeoff": ("method", "device"),
+}
+#: the issue-13 step-time cells: the low-rank methods on the MLP, and the width comparison
+WIDTH_COMMAND = ("python -m benchmarks.run --stages step_time --workloads mlp,mlp-wide "
+                 "--update-freqs 30 --methods sgd,kfac,kfac-r128,so-r128,q-r128")
+RANK_COMMAND = "python -m benchmarks.run --stages rank_tradeoff"
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -54,6 +76,24 @@ def merge(old: list[dict], new: list[dict], key: Sequence[str]) -> list[dict]:
 
     replaced = {k(r) for r in new}
     return [r for r in old if k(r) not in replaced] + list(new)
+
+
+def merge_store(store: dict, other: dict, source: str = "") -> None:
+    """Add ``other``'s runs to ``store`` (renumbered after its own, their note naming
+    ``source``) and let their rows replace the stored rows with the same key;
+    ``kfac_vs_sgd`` is replaced whole."""
+    offset = len(store["runs"])
+    store["runs"] += [{**r, "note": f"{r.get('note', '')} (merged from {source})".strip()}
+                      if source else r for r in other["runs"]]
+    for stage, entry in other["stages"].items():
+        if stage == "kfac_vs_sgd":
+            store["stages"][stage] = {**entry, "run": entry["run"] + offset}
+            continue
+        rows = [{**r, "run": r["run"] + offset} for r in entry["rows"]]
+        mine = store["stages"].setdefault(stage, {"rows": []})
+        mine["rows"] = merge(mine["rows"], rows, STAGE_KEYS[stage])
+        for m, sw in entry.get("sweeps", {}).items():
+            mine.setdefault("sweeps", {})[m] = {**sw, "run": sw["run"] + offset}
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -85,55 +125,6 @@ def _with_columns(table: str, rows: Sequence[dict], columns: dict[str, str] | No
     for line, r in zip(body[: len(rows)], rows, strict=True):
         out.append(line + "".join(f" {r.get(k, '?')} |" for k in columns.values()))
     out += body[len(rows):]
-    return "\n".join(out)
-
-
-def _targets(st_rows: Sequence[dict], mem_rows: Sequence[dict], issue2: dict | None) -> str:
-    """The issue-7 targets with the measured figures."""
-    out = ["| target | measured | met | run |", "|---|---|---|---|"]
-    try:
-        from kldwrm import PAPER_SETTINGS
-
-        inner = int(PAPER_SETTINGS["qe"].get("inner_steps", 10))
-    except (ImportError, KeyError):
-        inner = 10
-    for wl in ("cnn", "mlp"):
-        for r in st_rows:
-            if r["workload"] != wl or r["update_freq"] != 30 or "ratio_mean" not in r:
-                continue
-            limit = {"kfac": 1.10, "so": 1.10, "q": 1.10, "qe": inner + 3.0}.get(r["method"])
-            if limit is None:
-                continue
-            ok = r["ratio_mean"] <= limit
-            out.append(
-                f"| {r['method']} step time on {wl} ({r.get('device', 'cpu')}), N_u 30 "
-                f"<= {limit:.2f}x SGD | {r['ratio_mean']:.3f}x (mean over all steps); "
-                f"per-round median {r['ratio_round_median']:.3f}x | {'yes' if ok else 'no'} "
-                f"| {r.get('run', '?')} |"
-            )
-    if issue2:
-        ratios = [x["ratio"] for x in issue2["rows"]]
-        med = statistics.median(ratios)
-        out.append(
-            f"| issue 2: kfac / torch.optim.SGD on cnn, N_u 30 <= 1.10x "
-            f"| median {med:.3f}x over {len(ratios)} runs "
-            f"({', '.join(f'{x:.3f}' for x in ratios)}) | {'yes' if med <= 1.10 else 'no'} "
-            f"| {issue2['run']} |"
-        )
-    for r in mem_rows:
-        if r["method"] in ("sgd", "adam"):
-            continue
-        measured = f"{r['per_param']:.2f}x params (+ {r['factors']:,} B curvature)"
-        if r["method"] == "qe":
-            window = int(r.get("window", 0)) or None
-            extra = f"; {window} of them are the window" if window else ""
-            ok = "yes" if window and r["per_param"] <= 3.0 + window else "see window"
-            out.append(f"| qe state <= 3x params + factors + window ({r['workload']}) "
-                       f"| {measured}{extra} | {ok} | {r.get('run', '?')} |")
-        else:
-            ok = "yes" if r["per_param"] <= 3.0 else "no"
-            out.append(f"| {r['method']} state <= 3x params + factors ({r['workload']}) "
-                       f"| {measured} | {ok} | {r.get('run', '?')} |")
     return "\n".join(out)
 
 
@@ -174,38 +165,9 @@ OBSTACLES = """\
 """
 
 
-def render(store: dict, out: Path) -> None:
-    stages = store["stages"]
-    runs = store["runs"]
-    st_rows = stages.get("step_time", {}).get("rows", [])
-    rf_rows = stages.get("refresh", {}).get("rows", [])
-    mem_rows = stages.get("memory", {}).get("rows", [])
-    acc = stages.get("accuracy")
-    issue2 = stages.get("kfac_vs_sgd")
-    used = {r.get("run") for r in st_rows + rf_rows + mem_rows}
-    used |= {r.get("run") for r in (acc or {}).get("rows", [])}
-    used |= {issue2["run"]} if issue2 else set()
-    missing = "_not measured yet: run `python -m benchmarks.run --stages {}`_"
-    gpu_runs = [r for r in runs if r["info"].get("device", "cpu").startswith("cuda")]
-    acc_text = missing.format("accuracy")
-    if acc and acc["rows"]:
-        sweeps = {m: {"chosen": sw["chosen"], "scores": dict(map(tuple, sw["scores"]))}
-                  for m, sw in acc["sweeps"].items()}
-        rows = [{**r, "size": f"{r['epochs']} x {r['seeds']}"} for r in acc["rows"]]
-        table = _with_columns(accuracy.format_rows(rows, sweeps), rows,
-                              {"epochs x seeds": "size", "run": "run"})
-        acc_text = ("Median over seeds; *s* = training seconds (evaluation excluded); a level "
-                    "not reached within the epochs run by half the seeds or more is \"not "
-                    "reached\".\n\n" + table)
-    issue2_text = missing.format("kfac_vs_sgd")
-    if issue2:
-        head = f"Run {issue2['run']}, {len(issue2['rows'])} independent runs:\n\n"
-        issue2_text = head + "\n".join(
-            f"- SGD {1e3 * r['sgd_mean']:.2f} ms, KFAC {1e3 * r['kfac_mean']:.2f} ms (mean over "
-            f"{r['steps']} steps): **{r['ratio']:.3f}x**; per-round median {r['round_ratio']:.3f}x"
-            for r in issue2["rows"])
+MISSING = "_not measured yet: run `python -m benchmarks.run --stages {}`_"
 
-    doc = f"""# Benchmarks
+TEMPLATE = """# Benchmarks
 
 Regenerated by the benchmark suite (`benchmarks/`, not part of the tests) from the
 measurements stored in `docs/benchmarks.json`; the command for everything is
@@ -214,48 +176,94 @@ measurements stored in `docs/benchmarks.json`; the command for everything is
 python -m benchmarks.run
 ```
 
-and a stage or cell can be re-measured alone (`--stages`, `--workloads`, `--update-freqs`);
-each table says which run below produced it.
+and a stage or cell can be re-measured alone (`--stages`, `--workloads`, `--update-freqs`,
+`--methods`); each table says which run below produced it, and a figure not measured yet
+gives the command that measures it. `python -m benchmarks.run --render-only` rebuilds this
+page from the store.
 
 ## Runs
 
-{_runs_table(runs, used) if used else "_none yet_"}
+{runs}
 
 Methods: `sgd`, `adam` (`torch.optim`, at `kldwrm.PAPER_SETTINGS`), `kfac`, `so`, `q`, `qe`
-at their DESIGN section 4 settings with the `update_freq` (N_u) shown. Every curvature
-method uses `fisher="mc"` (one extra backward of a sampled-label loss on refresh steps).
-Step-time batches are fixed random tensors of the workload's shape. Timing on a shared
-machine is noisy: the ratios come from interleaved rounds, so drift hits every method
-alike.
+at their DESIGN section 4 settings with the `update_freq` (N_u) shown; `kfac-r128` (and
+`so-r64`, `q-r128`, ...) is the same optimizer with `rank=128`: the 128 leading eigenpairs
+of each Kronecker factor larger than 128 from a randomized eigensolver, the discarded
+spectrum replaced by its mean. Every curvature method uses `fisher="mc"` (one extra
+backward of a sampled-label loss on refresh steps). Step-time batches are fixed random
+tensors of the workload's shape. Timing on a shared machine is noisy: the ratios come from
+interleaved rounds, so drift hits every method alike.
 
-## Targets (issue 7)
+## Targets (issue 13)
 
-{_targets(st_rows, mem_rows, issue2) if st_rows or mem_rows or issue2 else "_none yet_"}
+Step time at N_u 30: the mean over all timed steps (refresh steps included) over SGD's
+mean in the same interleaved rounds (the *mean / SGD* column of the step-time table). Each
+target has its CPU row (2 threads), measured or not, and one more per other device measured.
 
-### What stands in the way
+{targets13}
 
-{OBSTACLES}
+## Targets of issue 7 (history)
+
+Issue 7's targets, kept as a record (issue 13 above replaces its step-time targets), checked
+against the measurements now stored (methods with a rank left out).
+
+{targets7}
+
+### What stood in the way of issue 7's targets
+
+{obstacles}
 ## Step time
 
 Forward + backward + `optimizer.step()`, each step timed; methods interleaved in rounds of
 30 steps with the order rotating, one warm-up round discarded. *mean / SGD* is what a user
 pays over a run (refresh steps included); the per-round ratio (median and IQR over rounds
 of a method's round time over SGD's round time in the same rotation) is the most robust
-figure when the machine is shared.
+figure when the machine is shared. A *short cell* (`mlp-wide`) is one timed round of 30
+steps after the warm-up round, refresh included, since its exact curvature step takes
+seconds: its per-round ratio is that one round's.
 
-Workloads: {"; ".join(w.label for w in step_time.WORKLOADS.values())}.
+Workloads: {workloads}.
 
-{_with_columns(step_time.format_rows(st_rows), st_rows) if st_rows else missing.format("step_time")}
+{step_time}
+
+### Step time against width (issue 13)
+
+The same method on the MLP of width 1024 (`mlp`) and 4096 (`mlp-wide`), N_u 30: exact
+K-FAC's per-step solve is four products of O(width³) and its refresh eigendecomposes
+factors of size width + 1 (O(width³)); with `rank=r` both are O(width² r), like SGD's
+forward and backward (O(B width²)). 4x the width is then ~64x the exact curvature work and
+~16x the rest. Measured by
+
+```
+{width_command}
+```
+
+{width}
+
+## Low rank: accuracy against rank (MNIST MLP, issue 13)
+
+K-FAC exact and with `rank=r` on the MLP 784-1024-1024-10 at batch 256, real MNIST (inputs
+normalised as for the time-to-accuracy table), one seed, the same initial weights and the
+same order of the training examples for every rank; test accuracy after each epoch and the
+training seconds (evaluation excluded), and those seconds over the exact run's. Measured by
+
+```
+{rank_command}
+```
+
+(`--ranks 16,32,64,128,256 --rank-epochs 2` are the defaults.)
+
+{ranks}
 
 ## The refresh step, itemised (milliseconds, median over refreshes, N_u = 30)
 
 *capture* = refresh forward+backward minus the median plain one (hooks + the sampled-label
 backward); *factors* = `engine.fresh_estimates`; *all-reduce* = 0 in one process (see
 `docs/distributed.md`); *EA* = `engine.fold` minus its eigendecompositions
-(*decomposition*); *solve* = `engine.solve` + `engine.matvec`; *rest* = the remainder of
-`step()`.
+(*decomposition*: exact, or the randomized eigensolver with a rank); *solve* =
+`engine.solve` + `engine.matvec`; *rest* = the remainder of `step()`.
 
-{_with_columns(refresh.format_rows(rf_rows), rf_rows) if rf_rows else missing.format("refresh")}
+{refresh}
 
 ## Memory and optimizer state
 
@@ -264,59 +272,240 @@ is `optimizer.state_bytes()` (curvature factors, eigenvectors and eigenvalues, p
 per-parameter vectors) or the state tensors of SGD/Adam; the last column is the
 per-parameter part in units of one float32 copy of the parameters.
 
-{_with_columns(memory.format_rows(mem_rows), mem_rows) if mem_rows else missing.format("memory")}
+{memory}
 
 ## Time to accuracy on MNIST (paper CNN, batch 512)
 
-{acc_text}
+{accuracy}
 
 ## Issue 2: KFAC against torch.optim.SGD (paper CNN, batch 512, N_u 30)
 
 `python -m benchmarks.kfac_vs_sgd`: two optimizers interleaved in rounds of 30 steps, mean
 over 240 steps after one warm-up round. Target: <= 1.10x.
 
-{issue2_text}
+{issue2}
 
 ## GPU
 
-{"GPU runs: " + ", ".join(str(runs.index(r)) for r in gpu_runs) + " (rows with device cuda)."
- if gpu_runs else
- "No GPU figures: no GPU was available to the sessions that ran this suite. The suite "
- "supports `--device cuda` (peak memory then is `torch.cuda.max_memory_allocated`), "
- "but it has not been run on one."}
+{gpu}
 """
+
+
+def _used_runs(stages: dict) -> set[int]:
+    """The runs that produced a stored row (the others are not listed)."""
+    used = set()
+    for name, entry in stages.items():
+        if name == "kfac_vs_sgd":
+            used.add(entry["run"])
+        else:
+            used |= {r.get("run") for r in entry.get("rows", [])}
+    return used
+
+
+def _accuracy_text(acc: dict | None) -> str:
+    if not acc or not acc["rows"]:
+        return MISSING.format("accuracy")
+    sweeps = {m: {"chosen": sw["chosen"], "scores": dict(map(tuple, sw["scores"]))}
+              for m, sw in acc["sweeps"].items()}
+    rows = [{**r, "size": f"{r['epochs']} x {r['seeds']}"} for r in acc["rows"]]
+    table = _with_columns(accuracy.format_rows(rows, sweeps), rows,
+                          {"epochs x seeds": "size", "run": "run"})
+    return ("Median over seeds; *s* = training seconds (evaluation excluded); a level "
+            "not reached within the epochs run by half the seeds or more is \"not "
+            "reached\".\n\n" + table)
+
+
+def _issue2_text(issue2: dict | None) -> str:
+    if not issue2:
+        return MISSING.format("kfac_vs_sgd")
+    head = f"Run {issue2['run']}, {len(issue2['rows'])} independent runs:\n\n"
+    return head + "\n".join(
+        f"- SGD {1e3 * r['sgd_mean']:.2f} ms, KFAC {1e3 * r['kfac_mean']:.2f} ms (mean over "
+        f"{r['steps']} steps): **{r['ratio']:.3f}x**; per-round median {r['round_ratio']:.3f}x"
+        for r in issue2["rows"])
+
+
+def _table(rows: Sequence[dict], table: str, stage: str) -> str:
+    """``table`` (rendered from ``rows``) with a run column, or "not measured yet"."""
+    return _with_columns(table, rows) if rows else MISSING.format(stage)
+
+
+def _width_text(st_rows: Sequence[dict]) -> str:
+    table = step_time.format_width(st_rows)
+    return table if table is not None else "_not measured yet (command above)_"
+
+
+def _rank_text(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "_not measured yet (command above)_"
+    return _with_columns(rank_tradeoff.format_rows(rows), rows)
+
+
+def _gpu_text(runs: Sequence[dict]) -> str:
+    gpu = [i for i, r in enumerate(runs) if r["info"].get("device", "cpu").startswith("cuda")]
+    if gpu:
+        return f"GPU runs: {', '.join(map(str, gpu))} (rows whose workload says `(cuda)`)."
+    return ("No GPU figures: no GPU was available to the sessions that ran this suite. The "
+            "suite supports `--device cuda` (peak memory then is "
+            "`torch.cuda.max_memory_allocated`); `bash benchmarks/gpu_check.sh` runs the CUDA "
+            "tests and the main step-time cells on a GPU machine in under 5 minutes, and "
+            "`python -m benchmarks.run --merge gpu_check/benchmarks.json` adds its figures "
+            "here.")
+
+
+def render(store: dict, out: Path) -> None:
+    """Write the Markdown page for ``store`` to ``out``; a missing figure says so."""
+    stages = store["stages"]
+    st_rows = stages.get("step_time", {}).get("rows", [])
+    rf_rows = stages.get("refresh", {}).get("rows", [])
+    mem_rows = stages.get("memory", {}).get("rows", [])
+    issue2 = stages.get("kfac_vs_sgd")
+    used = _used_runs(stages)
+    doc = TEMPLATE.format(
+        runs=_runs_table(store["runs"], used) if used else "_none yet_",
+        targets13=targets.issue13(st_rows),
+        targets7=(targets.issue7(st_rows, mem_rows, issue2)
+                  if st_rows or mem_rows or issue2 else "_none yet_"),
+        obstacles=OBSTACLES,
+        workloads="; ".join(w.label for w in step_time.WORKLOADS.values()),
+        step_time=_table(st_rows, step_time.format_rows(st_rows), "step_time"),
+        width_command=WIDTH_COMMAND, width=_width_text(st_rows),
+        rank_command=RANK_COMMAND,
+        ranks=_rank_text(stages.get("rank_tradeoff", {}).get("rows", [])),
+        refresh=_table(rf_rows, refresh.format_rows(rf_rows), "refresh"),
+        memory=_table(mem_rows, memory.format_rows(mem_rows), "memory"),
+        accuracy=_accuracy_text(stages.get("accuracy")),
+        issue2=_issue2_text(issue2), gpu=_gpu_text(store["runs"]),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc)
 
 
 # -- the run ----------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> None:
+class Session:
+    """One run of the suite: its record in the store, logging and saving after each cell."""
+
+    def __init__(self, store: dict, out: Path, command: str, device: torch.device,
+                 note: str, quick: bool) -> None:
+        self.store, self.out, self.device = store, out, device
+        self.run_id = len(store["runs"])
+        self.started = time.time()
+        self.run = {"command": command, "info": machine_info(device), "note": note,
+                    "quick": quick}
+        store["runs"].append(self.run)
+
+    def log(self, msg: str) -> None:
+        print(f"[run +{time.time() - self.started:.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    def save(self) -> None:
+        """Write the store (next to ``out``) and the Markdown."""
+        self.run["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        self.run["wall_min"] = (time.time() - self.started) / 60
+        store_path = self.out.with_suffix(".json")
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        store_path.write_text(json.dumps(self.store, indent=1))
+        render(self.store, self.out)
+        self.log(f"wrote {self.out} and {store_path.name}")
+
+    def put(self, stage: str, rows: list[dict]) -> None:
+        """Store ``rows`` of ``stage`` (replacing rows with the same key) and save."""
+        for r in rows:
+            r["run"] = self.run_id
+            r.setdefault("device", str(self.device))
+        entry = self.store["stages"].setdefault(stage, {"rows": []})
+        entry["rows"] = merge(entry["rows"], rows, STAGE_KEYS[stage])
+        self.save()
+
+
+def _step_time(s: Session, a: argparse.Namespace, methods: list[str], wls: list[str]) -> None:
+    rounds = math.ceil(a.steps / 30)
+    for uf in (int(u) for u in a.update_freqs.split(",") if u):
+        for wl in wls:
+            main_cell = uf == 30 and wl in ("cnn", "mlp")
+            nr, short = step_time.cell_rounds(wl, rounds if (main_cell or not a.quick) else 2)
+            s.log(f"step time {wl} N_u={uf} ({nr} rounds of 30{', short' if short else ''})")
+            s.put("step_time", step_time.measure(wl, uf, methods, s.device, nr))
+
+
+def _refresh(s: Session, a: argparse.Namespace, methods: list[str], wls: list[str]) -> None:
+    for wl in wls:
+        s.log(f"refresh itemised {wl}")
+        s.put("refresh", refresh.itemise(wl, methods, s.device, 2 if a.quick else 5))
+
+
+def _memory(s: Session, a: argparse.Namespace, methods: list[str], wls: list[str]) -> None:
+    for wl in wls:
+        s.log(f"memory {wl}")
+        s.put("memory", memory.measure(wl, methods, a.device, 30, a.threads))
+
+
+def _accuracy(s: Session, a: argparse.Namespace, methods: list[str], wls: list[str]) -> None:
+    epochs = a.epochs or (2 if a.quick else 10)
+    seeds = a.seeds or (1 if a.quick else 3)
+    s.log(f"accuracy: {epochs} epochs x {seeds} seeds")
+    rows, sweeps = accuracy.run(methods, epochs, seeds, 1 if a.quick else 2, s.device)
+    entry = s.store["stages"].setdefault("accuracy", {"rows": [], "sweeps": {}})
+    entry["sweeps"].update({m: {"chosen": sw["chosen"], "scores": list(sw["scores"].items()),
+                                "run": s.run_id} for m, sw in sweeps.items()})
+    s.put("accuracy", rows)
+
+
+def _kfac_vs_sgd(s: Session, a: argparse.Namespace, methods: list[str], wls: list[str]
+                 ) -> None:
+    s.log("issue 2: kfac vs torch.optim.SGD, 3 runs")
+    s.store["stages"]["kfac_vs_sgd"] = {"run": s.run_id,
+                                        "rows": kfac_vs_sgd.compare(240, 3, a.device)}
+
+
+def _rank_tradeoff(s: Session, a: argparse.Namespace, methods: list[str], wls: list[str]
+                   ) -> None:
+    ranks = rank_tradeoff.parse_ranks(a.ranks)
+    s.log(f"rank trade-off: kfac exact and ranks {ranks}, {a.rank_epochs} epochs")
+    s.put("rank_tradeoff", rank_tradeoff.run(ranks, a.rank_epochs, s.device,
+                                             train_limit=a.train_limit))
+
+
+STAGE_RUNNERS = {"step_time": _step_time, "refresh": _refresh, "memory": _memory,
+                 "accuracy": _accuracy, "kfac_vs_sgd": _kfac_vs_sgd,
+                 "rank_tradeoff": _rank_tradeoff}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run the kldwrm benchmark suite.")
     p.add_argument("--quick", action="store_true",
                    help="secondary step-time cells 60 steps, 2 refreshes, 2 epochs x 1 seed")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help="comma-separated; a curvature method may carry a rank: kfac-r128")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                   help=f"comma-separated, from {', '.join(WORKLOADS)}")
     p.add_argument("--update-freqs", default="30,1", help="N_u of the step-time cells")
-    p.add_argument("--steps", type=int, default=210, help="timed steps per method (>= 200)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--steps", type=int, default=210,
+                   help="timed steps per method (>= 200; mlp-wide: one round of 30)")
+    p.add_argument("--epochs", type=int, default=None, help="accuracy stage")
+    p.add_argument("--seeds", type=int, default=None, help="accuracy stage")
+    p.add_argument("--ranks", default=",".join(map(str, rank_tradeoff.DEFAULT_RANKS)),
+                   help="rank_tradeoff stage: the ranks besides exact K-FAC")
+    p.add_argument("--rank-epochs", type=int, default=2, help="rank_tradeoff stage")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="smoke runs only: rank_tradeoff trains on the first N images")
     p.add_argument("--note", default="", help="free text shown with the run")
-    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "benchmarks.md"),
+                   help="the Markdown page; the store is the .json next to it")
     p.add_argument("--fresh", action="store_true", help="discard the stored measurements")
     p.add_argument("--render-only", action="store_true",
                    help="regenerate the Markdown from the store without measuring")
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    store_path = out.with_suffix(".json")
-    store = {"runs": [], "stages": {}} if a.fresh else load_store(store_path)
-    if a.render_only:
-        render(store, out)
-        return
-    torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    p.add_argument("--merge", metavar="STORE", action="append", default=[],
+                   help="add the runs of another store (e.g. gpu_check/benchmarks.json), "
+                        "then render")
+    return p
+
+
+def _checked(p: argparse.ArgumentParser, a: argparse.Namespace
+             ) -> tuple[list[str], list[str], list[str]]:
+    """Stages, workloads and methods from the arguments (an error exits)."""
     stages = [s for s in a.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -324,66 +513,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     workloads = [w for w in a.workloads.split(",") if w]
     if set(workloads) - set(WORKLOADS):
         p.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
-    methods = available_methods(a.methods.split(","))
-    run_id = len(store["runs"])
-    started = time.time()
-    run = {"command": "python -m benchmarks.run " + shlex.join(
-               argv if argv is not None else sys.argv[1:]),
-           "info": machine_info(device), "note": a.note, "quick": a.quick}
-    store["runs"].append(run)
+    try:
+        for m in a.methods.split(","):
+            parse_method(m)
+        rank_tradeoff.method_names("kfac", rank_tradeoff.parse_ranks(a.ranks))
+    except ValueError as e:
+        p.error(str(e))
+    return stages, workloads, available_methods(a.methods.split(","))
 
-    def log(msg: str) -> None:
-        print(f"[run +{time.time() - started:.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    def save() -> None:
-        run["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-        run["wall_min"] = (time.time() - started) / 60
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        store_path.write_text(json.dumps(store, indent=1))
+def main(argv: Sequence[str] | None = None) -> None:
+    p = _parser()
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    store_path = out.with_suffix(".json")
+    store = {"runs": [], "stages": {}} if a.fresh else load_store(store_path)
+    if a.render_only or a.merge:
+        for other in a.merge:
+            merge_store(store, load_store(Path(other)), other)
+        if a.merge:
+            store_path.write_text(json.dumps(store, indent=1))
         render(store, out)
-        log(f"wrote {out} and {store_path.name}")
-
-    def put(stage: str, rows: list[dict], key: Sequence[str]) -> None:
-        for r in rows:
-            r["run"] = run_id
-            r.setdefault("device", str(device))
-        entry = store["stages"].setdefault(stage, {"rows": []})
-        entry["rows"] = merge(entry["rows"], rows, [*key, "device"])
-        save()
-
-    if "step_time" in stages:
-        rounds = math.ceil(a.steps / 30)
-        for uf in (int(u) for u in a.update_freqs.split(",") if u):
-            for wl in workloads:
-                main_cell = uf == 30 and wl in ("cnn", "mlp")
-                nr = rounds if (main_cell or not a.quick) else 2
-                log(f"step time {wl} N_u={uf} ({nr} rounds of 30)")
-                put("step_time", step_time.measure(wl, uf, methods, device, nr),
-                    ["workload", "update_freq", "method"])
-    if "refresh" in stages:
-        for wl in workloads:
-            log(f"refresh itemised {wl}")
-            put("refresh", refresh.itemise(wl, methods, device, 2 if a.quick else 5),
-                ["workload", "method"])
-    if "memory" in stages:
-        for wl in workloads:
-            log(f"memory {wl}")
-            put("memory", memory.measure(wl, methods, a.device, 30, a.threads),
-                ["workload", "method"])
-    if "accuracy" in stages:
-        epochs = a.epochs or (2 if a.quick else 10)
-        seeds = a.seeds or (1 if a.quick else 3)
-        log(f"accuracy: {epochs} epochs x {seeds} seeds")
-        rows, sweeps = accuracy.run(methods, epochs, seeds, 1 if a.quick else 2, device)
-        entry = store["stages"].setdefault("accuracy", {"rows": [], "sweeps": {}})
-        entry["sweeps"].update({m: {"chosen": sw["chosen"], "scores": list(sw["scores"].items()),
-                                    "run": run_id} for m, sw in sweeps.items()})
-        put("accuracy", rows, ["method"])
-    if "kfac_vs_sgd" in stages:
-        log("issue 2: kfac vs torch.optim.SGD, 3 runs")
-        store["stages"]["kfac_vs_sgd"] = {"run": run_id,
-                                          "rows": kfac_vs_sgd.compare(240, 3, a.device)}
-    save()
+        return
+    stages, workloads, methods = _checked(p, a)
+    torch.set_num_threads(a.threads)
+    command = "python -m benchmarks.run " + shlex.join(
+        argv if argv is not None else sys.argv[1:])
+    session = Session(store, out, command, torch.device(a.device), a.note, a.quick)
+    for stage in (s for s in STAGES if s in stages):  # in the suite's order
+        STAGE_RUNNERS[stage](session, a, methods, workloads)
+    session.save()
 
 
 if __name__ == "__main__":
