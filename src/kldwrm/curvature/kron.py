@@ -67,10 +67,12 @@ class Spectrum:
         return self.vecs.shape[1] == self.vecs.shape[0]
 
     def right(self, V: Tensor) -> Tensor:
-        """``V · S``: ``tail·V + (V U)(diag(vals) − tail) Uᵀ`` (two products of ``O(n² r)``)."""
-        VU = V @ self.vecs
-        out = (VU * (self.vals - self.tail)) @ self.vecs.T
-        return out if self.full else out.add_(V, alpha=float(self.tail))
+        """``V · S``: ``tail·V + (V U)(diag(vals) − tail) Uᵀ`` (two products of ``O(n² r)``,
+        the sum fused into the second)."""
+        VU = (V @ self.vecs).mul_(self.vals - self.tail)
+        if self.full:
+            return VU @ self.vecs.T
+        return torch.addmm(V, VU, self.vecs.T, beta=float(self.tail))
 
     def left(self, V: Tensor) -> Tensor:
         """``S · V``."""
@@ -95,7 +97,6 @@ def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: flo
     s21 = None if G.full else 1.0 / (A.vals * (e * G.tail) + damping)
     s22 = None if A.full or G.full else 1.0 / (e * G.tail * A.tail + damping)
     VA = V @ A.vecs
-    VtG = G.vecs.T @ V if s12 is not None else None
     X = G.vecs.T @ VA
     w = s11
     if s12 is not None:
@@ -104,14 +105,14 @@ def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: flo
         w = w - s21[None, :]
     if s22 is not None:
         w = w + s22
-    right = G.vecs @ (X * w)
+    right = G.vecs @ (X * w)  # (out, r_A)
     if s21 is not None:
-        right = right + VA * (s21 if s22 is None else s21 - s22)[None, :]
-    out = right @ A.vecs.T
+        right.add_(VA * (s21 if s22 is None else s21 - s22)[None, :])
+    # the full-size terms are summed inside the products (addmm), with no temporaries
+    out = right @ A.vecs.T if s22 is None else torch.addmm(V, right, A.vecs.T, beta=float(s22))
     if s12 is not None:
-        out = out + G.vecs @ (VtG * (s12 if s22 is None else s12 - s22)[:, None])
-    if s22 is not None:
-        out = out + s22 * V
+        left = (G.vecs.T @ V).mul_((s12 if s22 is None else s12 - s22)[:, None])
+        out.addmm_(G.vecs, left)
     return out
 
 

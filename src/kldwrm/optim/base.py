@@ -45,11 +45,9 @@ Scales = tuple[float, float, float]
 
 
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Per-tensor dot products ``aᵢ·bᵢ`` in four fused ops: ``(‖a+b‖² − ‖a−b‖²)/4``."""
-    a, b = list(a), list(b)
-    plus = torch.stack(torch._foreach_norm(torch._foreach_add(a, b)))
-    minus = torch.stack(torch._foreach_norm(torch._foreach_sub(a, b)))
-    return (plus.square() - minus.square()) / 4
+    """Per-tensor dot products ``aᵢ·bᵢ``: one pass over each pair, no temporaries."""
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1))
+                        for x, y in zip(a, b, strict=True)])
 
 
 class NonFiniteGradientWarning(RuntimeWarning):
