@@ -11,10 +11,11 @@ from itertools import combinations
 import pytest
 
 from kldwrm.experiments import stats
-from kldwrm.experiments.claims import claims
+from kldwrm.experiments.claims import claims, claims_conventions, claims_section
 from kldwrm.experiments.report import write_report
 from kldwrm.experiments.runs import collect_runs
 
+from . import regression_fixture as reg
 from .report_fixture import read_csv, write_runs
 
 # epoch 3, normalised view: K-FAC seeds 0-2 and QE seeds 0-1 (accuracy in points)
@@ -120,3 +121,20 @@ def test_claims_with_a_non_finite_value():
     acc, loss = claims(solvers)
     assert acc.comparison is not None and acc.comparison.n_a == 2
     assert loss.comparison is None and loss.reason == "non-finite values"
+
+
+def test_regression_claims_are_on_the_loss_only():
+    solvers = reg.solvers()
+    (row,) = claims(solvers, metrics=("loss",))
+    # epoch 3: K-FAC 0.015, 0.025, 0.012; QE 0.011, 0.0205 (seed2 stopped at epoch 2)
+    a, b = [0.015, 0.025, 0.012], [0.011, 0.0205]
+    assert (row.metric, row.epoch, row.n_a, row.n_b) == ("loss", 3, 3, 2)
+    assert row.comparison == stats.compare(a, b, seed=0)
+    assert row.comparison.diff == pytest.approx(statistics.fmean(b) - statistics.fmean(a))
+    assert [r.metric for r in claims(solvers)] == ["acc", "loss"]  # the default: both
+    assert claims(solvers)[0].reason == "non-finite values"
+    text, records = claims_section("sincos", ["test"], solvers, 3, ("loss",))
+    assert [r["metric"] for r in records] == ["loss"] and "acc (points)" not in text
+    assert "| QE vs K-FAC | loss | 3 | 2 | " in text
+    assert "Δ loss < 0 favours B" in text and "accuracy" not in text
+    assert "accuracy in percentage points" in claims_conventions()

@@ -19,7 +19,10 @@ import torch
 from kldwrm.experiments import timing
 from kldwrm.experiments.checkpoint import atomic_write
 from kldwrm.experiments.cli import main
+from kldwrm.experiments.report import protocol_comparison
 from kldwrm.experiments.train import read_metrics
+
+from .report_fixture import write_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,3 +224,53 @@ def test_compare_prints_an_interleaved_step_time_check(tmp_path, capsys, mnist_d
     assert main([*argv, "--no-timing"]) == 0  # the runs are finished: skipped
     assert "Step time" not in capsys.readouterr().out
     assert len(calls) == 1
+
+
+# ----------------------------------------------------------------------------- report --protocols
+
+
+@pytest.fixture()
+def two_protocols(tmp_path) -> dict[str, Path]:
+    roots = {name: write_runs(tmp_path / name) for name in ("corrected", "released")}
+    (roots["released"] / "mnist" / "qe" / "seed1" / "metrics.csv").unlink()
+    return roots
+
+
+def test_report_protocols_prints_and_writes_the_comparison(capsys, tmp_path, two_protocols):
+    argv = ["report", "--protocols", *(f"{k}={v}" for k, v in two_protocols.items())]
+    expected = protocol_comparison(two_protocols, 2)
+    out = tmp_path / "new" / "comparison.md"
+    assert main([*argv, "--epoch", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n" and out.read_text() == expected
+    assert "| corrected | K-FAC | 2 | 4 |" in expected and "| released | QE | 2 | 1 |" in expected
+    assert main([*argv, "--no-paper"]) == 0  # printed only; the paper's rows left out
+    printed = capsys.readouterr().out
+    assert printed == protocol_comparison(two_protocols, paper=False) + "\n"
+    assert "| paper |" not in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrected", "new", "released"]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ([], "give a run directory, or --protocols"),
+        (["--protocols", "corrected"], "argument --protocols: expected NAME=DIR, got 'corrected'"),
+        (["--protocols", "=x"], "expected NAME=DIR"),
+        (["--protocols", "a="], "expected NAME=DIR"),
+        (["--protocols", "a={c}", "a={r}"], "protocol 'a' given twice"),
+        (["{c}", "--protocols", "a={c}"], "either a run directory or --protocols, not both"),
+        (["--protocols", "a={c}", "--out", "{c}"], "is a directory"),
+        (["--protocols", "a={c}", "b={c}/nothing"], "no runs for protocol 'b'"),
+    ],
+)
+def test_report_protocols_bad_input_is_one_error_line(capsys, two_protocols, args, says):
+    dirs = {"c": two_protocols["corrected"], "r": two_protocols["released"]}
+    line = _one_error_line(capsys, ["report", *(a.format(**dirs) for a in args)])
+    assert says in line
+
+
+def test_report_of_a_directory_is_unchanged(capsys, tmp_path, two_protocols):
+    assert main(["report", str(two_protocols["corrected"]), "--out", str(tmp_path / "r")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("## Table 1 — mnist") and (tmp_path / "r" / "mnist_table1.md").is_file()

@@ -7,6 +7,7 @@ import struct
 from kldwrm.experiments.figures import make_figures
 from kldwrm.experiments.runs import collect_runs
 
+from . import regression_fixture as reg
 from .report_fixture import write_runs
 
 
@@ -28,3 +29,12 @@ def test_one_panel_per_view(tmp_path):
                   for seed, rows in runs.items()} for s, runs in solvers.items()}
     one = _png_size(make_figures(no_raw, out, "y_")[1])
     assert one == (round(6.4 * 110), round(4.4 * 110))
+
+
+def test_regression_has_figure_1_only(tmp_path):
+    paths = make_figures(reg.solvers(), tmp_path, "r_", metrics=("loss",), guide=None)
+    assert [p.name for p in paths] == ["r_figure1_test_loss.png"]
+    assert _png_size(paths[0]) == (round(6.4 * 110), round(4.4 * 110))  # no raw view
+    # the figures come in their order whatever the order of the metrics
+    both = make_figures(reg.solvers(), tmp_path, "b_", metrics=("acc", "loss"))
+    assert [p.name for p in both] == ["b_figure1_test_loss.png", "b_figure2_test_accuracy.png"]

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 
 import pytest
 
 from kldwrm.experiments import claims, figures, report, runs
 from kldwrm.experiments.report import (
     PAPER_TABLE1,
+    TIME_HEAD,
     TIME_NOTE,
     protocol_comparison,
     write_report,
 )
 
+from . import regression_fixture as reg
 from .report_fixture import read_csv, write_runs
 
 
@@ -146,3 +149,115 @@ def test_protocol_comparison(runs_root, tmp_path_factory):
     assert "No K-FAC runs: nothing to compare against." in none and "| Pair" not in none
     with pytest.raises(FileNotFoundError, match="empty"):
         protocol_comparison({"corrected": runs_root, "empty": tmp_path_factory.mktemp("e")})
+
+
+# --------------------------------------------------------------------------- regression
+
+# epoch 3 of the regression fixture: test MSE per run (K-FAC seeds 0-2, QE seeds 0-1)
+REG_KFAC, REG_QE = [0.015, 0.025, 0.012], [0.011, 0.0205]
+REG_FILES = ["sincos_claims.csv", "sincos_figure1_test_loss.png", "sincos_table1.csv",
+             "sincos_table1.md", "sincos_time_to_2x_noise_floor.csv"]
+
+
+def _near_floor(losses: list[float]) -> int:
+    return sum(v <= 2 * reg.FLOOR + 1e-12 for v in losses)
+
+
+def _mse_row(label: str, losses: list[float]) -> str:
+    """A regression Table 1 row: runs, N MSE≤0.02, mean and SD of the test MSE."""
+    return (f"| {label} | {len(losses)} | {_near_floor(losses)} | "
+            f"{statistics.fmean(losses):.4f} | {statistics.stdev(losses):.4f} |")
+
+
+def test_regression_report_shows_no_classification_material(tmp_path):
+    root = reg.write_runs(tmp_path / "runs")
+    text = write_report(root, paper=True)  # the paper's rows are MNIST classification: never
+    out = root / "report"
+    assert sorted(p.name for p in out.iterdir()) == REG_FILES  # Figure 1 only
+    assert _near_floor(REG_KFAC) == 2 and _near_floor(REG_QE) == 1  # 0.0205 is not ≤ 0.02
+    head = "| Solver | Source | Runs | N MSE≤0.02 | μ test MSE | σ test MSE |"
+    assert head in text and "| K-FAC | this run (epoch 3) | 3 | 2 | 0.0173 | 0.0068 |" in text
+    assert _mse_row("QE | this run (epoch 3)", REG_QE) in text
+    assert "Noise floor: test MSE 0.01" in text and "within 2× of it" in text
+    for absent in ("acc", "98", "Raw", "raw", "paper", "Paper", "figure2"):
+        assert absent not in text, absent
+    assert "QE: left out (did not reach epoch 3): seed2." in text
+    # time to MSE ≤ 0.02: K-FAC seed0 epoch 2 (10 s), seed2 epoch 1 (4 s), seed1 never;
+    # QE seed0 epoch 2 (40 s) only
+    assert "Time to test MSE ≤ 0.02, 2× the noise floor (median over the seeds" in text
+    assert "| Solver | reached MSE≤0.02 | median epochs to MSE≤0.02 |" in text
+    assert "| K-FAC | 3/3 | " not in text and "| K-FAC | 2/3 | 1.5 | 7.0 | 2.0 |" in text
+    assert "| QE | 1/3 | 2.0 | 40.0 | 8.0 |" in text
+    assert (out / "sincos_table1.md").read_text().strip() == text.strip()
+
+
+def test_regression_csv_files(tmp_path):
+    root = reg.write_runs(tmp_path / "runs")
+    write_report(root)
+    out = root / "report"
+    with open(out / "sincos_table1.csv") as fh:
+        assert fh.readline().strip() == ("dataset,view,solver,source,runs,epoch,"
+                                         "n_mse_le_2x_floor,loss_mean,loss_sd,noise_floor")
+    table = {r["solver"]: r for r in read_csv(out / "sincos_table1.csv")}
+    assert {r["view"] for r in table.values()} == {"normalised"}
+    for solver, losses in (("kfac", REG_KFAC), ("qe", REG_QE)):
+        assert int(table[solver]["n_mse_le_2x_floor"]) == _near_floor(losses)
+        assert float(table[solver]["loss_mean"]) == pytest.approx(statistics.fmean(losses))
+        assert float(table[solver]["loss_sd"]) == pytest.approx(statistics.stdev(losses))
+        assert float(table[solver]["noise_floor"]) == pytest.approx(reg.FLOOR)
+    times = {r["solver"]: r for r in read_csv(out / "sincos_time_to_2x_noise_floor.csv")}
+    assert (times["kfac"]["reached"], times["kfac"]["median_seconds"]) == ("2", "7.0")
+    assert [r["metric"] for r in read_csv(out / "sincos_claims.csv")] == ["loss"]
+
+
+def test_regression_is_decided_from_the_data(tmp_path):
+    unknown = reg.write_runs(tmp_path / "unknown", dataset="mydata")  # no known noise floor
+    text = write_report(unknown)
+    assert "| Solver | Source | Runs | μ test MSE | σ test MSE |" in text
+    assert "no noise floor is known for mydata" in text and "Time to" not in text
+    assert sorted(p.name for p in (unknown / "report").iterdir()) == [
+        "mydata_claims.csv", "mydata_figure1_test_loss.png", "mydata_table1.csv",
+        "mydata_table1.md"]
+    named = tmp_path / "named"
+    named.mkdir()
+    (write_runs(tmp_path / "cls") / "mnist").rename(named / "sincos")
+    classified = write_report(named)  # accuracies: classification, whatever the name
+    assert "N acc≥98%" in classified and "Noise floor" not in classified
+
+
+def test_regression_protocol_comparison(tmp_path):
+    a, b = reg.write_runs(tmp_path / "a"), reg.write_runs(tmp_path / "b")
+    (b / "sincos" / "qe" / "seed1" / "metrics.csv").unlink()
+    text = protocol_comparison({"corrected": a, "released": b})
+    assert "| Protocol | Solver | Epoch | Runs | N MSE≤0.02 | μ test MSE | σ test MSE |" in text
+    assert _mse_row("corrected | QE | 3", REG_QE) in text
+    assert "| released | QE | 3 | 1 | 1 | 0.0110 | — |" in text  # seed0 only: no SD
+    assert "| corrected | QE vs K-FAC | loss | 3 | 2 |" in text
+    assert "acc" not in text and "Raw" not in text and "Noise floor: test MSE 0.01" in text
+
+
+# --------------------------------------------------------------------------- per-data-set level
+
+
+def test_time_to_level_per_data_set(tmp_path, runs_root, monkeypatch):
+    fm = tmp_path / "fm"
+    fm.mkdir()
+    (runs_root / "mnist").rename(fm / "fashion-mnist")
+    text = write_report(fm)
+    out = fm / "report"
+    assert not (out / "fashion-mnist_time_to_98.csv").exists()
+    # 88%: every run of the fixture reaches it at epoch 1 (K-FAC 10, 11, 9, 12 s; QE 25 s)
+    assert "Time to 88% test accuracy (median over the seeds that reached it):" in text
+    assert "| Solver | reached 88% | median epochs to 88% | median seconds to 88% |" in text
+    assert "| K-FAC | 4/4 | 1.0 | 10.5 | 11.8 |" in text and "| QE | 2/2 | 1.0 | 25.0 |" in text
+    assert "Time to 98%" not in text and "to 98%" not in text and text.count("Time to 88%") == 2
+    times = {r["solver"]: r for r in read_csv(out / "fashion-mnist_time_to_88.csv")
+             if r["view"] == "normalised"}
+    assert float(times["kfac"]["median_seconds"]) == 10.5
+    assert "N acc≥98%" in text  # Table 1's counts stay the paper's
+    # the level is one constant per data set
+    monkeypatch.setitem(runs.ACC_TARGET, "fashion-mnist", 0.975)
+    text = write_report(fm)
+    assert "Time to 97.5% test accuracy" in text and "| K-FAC | 3/4 |" in text
+    assert (out / "fashion-mnist_time_to_97.5.csv").is_file()
+    assert TIME_HEAD[1] == "reached 98%"

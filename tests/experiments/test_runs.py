@@ -7,19 +7,28 @@ import statistics
 
 import pytest
 
+from kldwrm.experiments.data import sincos_regression
 from kldwrm.experiments.runs import (
+    ACC_TARGET,
     PAPER_EPOCH,
     PAPER_RUNS,
     PAPER_TABLE1,
+    TABLE1_COUNTS,
+    Level,
     collect_runs,
     display_name,
+    is_regression,
     mean_sd_curve,
+    measures,
+    noise_floor,
     paper_summary,
     report_views,
     summarize,
+    time_to,
     time_to_98,
 )
 
+from . import regression_fixture as reg
 from .report_fixture import RUNS, write_runs
 
 
@@ -139,3 +148,63 @@ def test_views_and_display_names(runs_root):
     assert report_views([no_raw, solvers]) == ["test", "raw_test"]
     assert [display_name(s) for s in ("kfac", "qe", "sgd", "mine")] == [
         "K-FAC", "QE", "SGD", "mine"]
+
+
+# --------------------------------------------------------------------------- levels, measures
+
+
+def test_levels_compare_with_a_tolerance():
+    assert Level("acc", ">=", 0.98).holds(0.98) and Level("acc", ">=", 0.98).holds(0.98 - 1e-10)
+    assert not Level("acc", ">", 0.98).holds(0.98) and Level("acc", ">", 0.98).holds(0.9801)
+    assert Level("loss", "<=", 0.02).holds(2 * 0.01) and not Level("loss", "<=", 0.02).holds(0.0201)
+    assert not any(Level("loss", op, 0.1).holds(math.nan) for op in (">=", ">", "<="))
+
+
+def test_measures_of_classification_and_regression(runs_root):
+    mnist = collect_runs(runs_root)["mnist"]
+    assert not is_regression(mnist) and is_regression(reg.solvers())
+    m = measures("mnist", [mnist])
+    assert (m.regression, m.metrics, m.counts, m.target) == (
+        False, ("acc", "loss"), TABLE1_COUNTS, Level("acc", ">=", 0.98))
+    assert measures("fashion-mnist", [mnist]).target == Level("acc", ">=", 0.88)
+    assert ACC_TARGET == {"mnist": 0.98, "fashion-mnist": 0.88}
+    assert measures("other", [mnist]).target.value == 0.98
+    # a regression is decided from the data: no finite accuracy anywhere, whatever the name
+    r = measures(reg.DATASET, [reg.solvers()])
+    assert (r.regression, r.metrics, r.noise_floor) == (True, ("loss",), pytest.approx(0.01))
+    assert r.counts == {"n_mse_le_2x_floor": r.target}
+    assert r.target == Level("loss", "<=", pytest.approx(0.02))
+    assert measures(reg.DATASET, [mnist]).regression is False
+    unknown = measures("mydata", [reg.solvers()])
+    assert (unknown.regression, unknown.counts, unknown.target) == (True, {}, None)
+    assert measures(reg.DATASET, [reg.solvers(), mnist]).regression is False  # one has acc
+
+
+def test_noise_floor_comes_from_the_data_module():
+    assert noise_floor("sincos") == sincos_regression().noise_floor == pytest.approx(0.1**2)
+    assert noise_floor("regression") == pytest.approx(0.01)
+    assert noise_floor("mnist") is None and noise_floor("fashion-mnist") is None
+    assert noise_floor("nosuch") is None
+
+
+def test_regression_counts_and_time_by_hand():
+    solvers = reg.solvers()
+    r = measures(reg.DATASET, [solvers])
+    kfac, qe = summarize(solvers, view="test", counts=r.counts)
+    # epoch 3: K-FAC 0.015, 0.025, 0.012 (two ≤ 0.02); QE 0.011, 0.0205 (one), seed2 stopped
+    assert kfac.counts == {"n_mse_le_2x_floor": 2} and qe.counts == {"n_mse_le_2x_floor": 1}
+    assert qe.incomplete == ["seed2"] and math.isnan(kfac.acc_mean) and math.isnan(kfac.acc_sd)
+    assert kfac.loss_mean == pytest.approx(statistics.fmean([0.015, 0.025, 0.012]))
+    assert qe.loss_sd == pytest.approx(statistics.stdev([0.011, 0.0205]))
+    tk, tq = time_to(solvers, r.target)
+    # first epoch ≤ 0.02: K-FAC seed0 epoch 2 (10 s), seed2 epoch 1 (4 s); QE seed0 epoch 2
+    assert (tk.reached, tk.runs, tk.median_epochs, tk.median_seconds) == (2, 3, 1.5, 7.0)
+    assert (tq.reached, tq.runs, tq.median_epochs, tq.median_seconds) == (1, 3, 2.0, 40.0)
+    assert (tk.mean_step_ms, tq.mean_step_ms) == (2.0, 8.0)
+
+
+def test_time_to_98_is_time_to_an_accuracy_level(runs_root):
+    solvers = collect_runs(runs_root)["mnist"]
+    assert time_to_98(solvers) == time_to(solvers, Level("acc", ">=", 0.98))
+    assert time_to_98(solvers, 0.88) == time_to(solvers, Level("acc", ">=", 0.88))
+    assert [t.reached for t in time_to_98(solvers, 0.88)] == [4, 2]

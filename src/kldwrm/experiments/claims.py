@@ -2,7 +2,8 @@
 
 :func:`claims` tests every other solver against :data:`REFERENCE` with the tests of
 :mod:`.stats`: difference of mean test accuracy and loss (Welch, permutation, bootstrap CI)
-and ratio of variances across seeds (F-test, Brown–Forsythe). The rest of this module
+and ratio of variances across seeds (F-test, Brown–Forsythe); a regression has no accuracy,
+and its claims are on the test loss (MSE) only (``metrics=("loss",)``). The rest of this module
 renders them: the Markdown section of one run directory (:func:`claims_section`, which also
 gives the CSV records), the table of several protocols side by side
 (:func:`protocol_claims_markdown`) and how to read both (:func:`claims_conventions`).
@@ -101,23 +102,32 @@ def claims(
     epoch: int | None = None,
     view: str = "test",
     reference: str = REFERENCE,
+    metrics: Sequence[str] = tuple(CLAIM_METRICS),
 ) -> list[ClaimRow]:
-    """Every other solver against ``reference`` on test accuracy (points) and test loss at
-    ``epoch`` (default: the last epoch any run reached), on ``view``; runs that did not
-    reach ``epoch`` are left out. Empty when ``reference`` has no runs."""
+    """Every other solver against ``reference`` on each of ``metrics`` (default: test
+    accuracy in points and test loss) at ``epoch`` (default: the last epoch any run
+    reached), on ``view``; runs that did not reach ``epoch`` are left out. Empty when
+    ``reference`` has no runs."""
     if reference not in solvers:
         return []
     if epoch is None:
         epoch = final_epoch(solvers)
-    ref = values_at(solvers[reference], epoch, view)
+    ref = _metric_values(solvers[reference], epoch, view)
     out = []
     for solver, runs in solvers.items():
         if solver == reference:
             continue
-        other = values_at(runs, epoch, view)
-        for i, metric in enumerate(CLAIM_METRICS):
-            out.append(_claim_row((reference, solver), metric, epoch, (ref[i], other[i])))
+        other = _metric_values(runs, epoch, view)
+        for metric in metrics:
+            pair = (ref[metric], other[metric])
+            out.append(_claim_row((reference, solver), metric, epoch, pair))
     return out
+
+
+def _metric_values(runs: Runs, epoch: int, view: str) -> dict[str, list[float]]:
+    """``{"acc": accs, "loss": losses}`` of the runs that reached ``epoch`` on ``view``."""
+    accs, losses, _ = values_at(runs, epoch, view)
+    return {"acc": accs, "loss": losses}
 
 
 # --------------------------------------------------------------------------- tables
@@ -127,13 +137,21 @@ def _count(n: int) -> str:
     return f"{n:,}".replace(",", " ")
 
 
-def claims_conventions() -> str:
-    """How to read the claims tables (directions, tests, no multiplicity correction)."""
+def _directions(metrics: Sequence[str]) -> str:
+    """Which sign of Δ favours B, for the claims' ``metrics``."""
+    if "acc" in metrics:
+        return ("the test metric at the tables' epoch, accuracy in percentage points: "
+                "Δ acc > 0 and Δ loss < 0 favour B.")
+    return "the test loss (MSE) at the tables' epoch: Δ loss < 0 favours B."
+
+
+def claims_conventions(metrics: Sequence[str] = tuple(CLAIM_METRICS)) -> str:
+    """How to read the claims tables of ``metrics`` (directions, tests, no multiplicity
+    correction)."""
     ref = display_name(REFERENCE)
     return (
         f"A = {ref} (the reference), B = the solver named first. Δ = mean(B) − mean(A) of "
-        "the test metric at the tables' epoch, accuracy in percentage points: Δ acc > 0 and "
-        f"Δ loss < 0 favour B. s²_B/s²_A < 1: B varies less across seeds than {ref} (sample "
+        f"{_directions(metrics)} s²_B/s²_A < 1: B varies less across seeds than {ref} (sample "
         "variances, ddof=1). All p-values are two-sided and uncorrected for multiple "
         "comparisons. Welch: t-test with unequal variances (Welch–Satterthwaite df). "
         "Permutation: |Δ| over all C(n_A + n_B, n_B) splits of the pooled runs (Monte-Carlo "
@@ -204,28 +222,38 @@ def _nothing_to_compare(solver_sets: Iterable[Mapping[str, Runs]]) -> str | None
 
 
 def claims_section(
-    dataset: str, views: Sequence[str], solvers: Mapping[str, Runs], epoch: int
+    dataset: str,
+    views: Sequence[str],
+    solvers: Mapping[str, Runs],
+    epoch: int,
+    metrics: Sequence[str] = tuple(CLAIM_METRICS),
 ) -> tuple[str, list[dict[str, Any]]]:
-    """Markdown and CSV records (:data:`CLAIM_COLUMNS`) of the claims of every view."""
+    """Markdown and CSV records (:data:`CLAIM_COLUMNS`) of the claims on ``metrics`` of
+    every view."""
     lines = [f"### Claims: each solver against {display_name(REFERENCE)}", ""]
     if (reason := _nothing_to_compare([solvers])) is not None:
         return "\n".join(lines + [reason]), []
-    lines += [claims_conventions()]
+    lines += [claims_conventions(metrics)]
     records = []
     for view in views:
-        rows = claims(solvers, epoch, view)
+        rows = claims(solvers, epoch, view, metrics=metrics)
         lines += ["", f"#### Claims — {VIEWS[view]} (epoch {epoch})", "", _claims_markdown(rows)]
         records += [_claim_record(dataset, view, r) for r in rows]
     return "\n".join(lines), records
 
 
-def protocol_claims_markdown(per: Protocols, epochs: Mapping[str, int], view: str) -> str:
-    """Claims rows of every protocol (at its epoch in ``epochs``), grouped by pair and
-    metric."""
+def protocol_claims_markdown(
+    per: Protocols,
+    epochs: Mapping[str, int],
+    view: str,
+    metrics: Sequence[str] = tuple(CLAIM_METRICS),
+) -> str:
+    """Claims rows on ``metrics`` of every protocol (at its epoch in ``epochs``), grouped by
+    pair and metric."""
     if (reason := _nothing_to_compare(per.values())) is not None:
         return reason
     rows = [(proto, r) for proto, solvers in per.items()
-            for r in claims(solvers, epochs[proto], view)]
+            for r in claims(solvers, epochs[proto], view, metrics=metrics)]
     rows.sort(key=lambda pr: (solver_key(pr[1].solver_b), list(CLAIM_METRICS).index(
         pr[1].metric)))
     notes = [f"{proto}: no {display_name(REFERENCE)} runs." for proto, solvers in per.items()

@@ -293,9 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="override QE's inner SGD learning rate (default 7e-4)",
     )
 
-    p = sub.add_parser("report", help="Table 1, figures and time-to-98%% from a run directory")
-    p.add_argument("dir", help="directory with <dataset>/<solver>/seed<k>/metrics.csv")
-    p.add_argument("--out", default=None, help="where to write (default DIR/report)")
+    p = sub.add_parser(
+        "report",
+        help="Table 1, figures and time-to-98%% from a run directory, or several run "
+        "directories side by side (--protocols)",
+    )
+    p.add_argument(
+        "dir", nargs="?", default=None, help="directory with <dataset>/<solver>/seed<k>/metrics.csv"
+    )
+    p.add_argument(
+        "--protocols",
+        nargs="+",
+        metavar="NAME=DIR",
+        default=None,
+        help="instead of DIR: print the tables and claims of these run directories side by "
+        "side (Markdown), e.g. corrected=runs/reproduce released=runs/reproduce-released",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where to write (default DIR/report); with --protocols, a Markdown file "
+        "(default: print only)",
+    )
     p.add_argument(
         "--paper",
         dest="paper",
@@ -668,9 +687,46 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return _run_sweep_cli(args, options, compare=False)
 
 
+def _protocol_roots(values: Sequence[str]) -> dict[str, str]:
+    """``{name: dir}`` from ``NAME=DIR`` arguments (:class:`CliError` when malformed)."""
+    roots: dict[str, str] = {}
+    for value in values:
+        name, eq, root = value.partition("=")
+        name, root = name.strip(), root.strip()
+        if not (eq and name and root):
+            raise CliError(f"argument --protocols: expected NAME=DIR, got {value!r}")
+        if name in roots:
+            raise CliError(f"argument --protocols: protocol {name!r} given twice")
+        roots[name] = root
+    return roots
+
+
+def _cmd_protocols(args: argparse.Namespace) -> int:
+    """``kldwrm report --protocols NAME=DIR ...``: print (and with --out write) the
+    comparison."""
+    from .report import protocol_comparison
+
+    if args.dir is not None:
+        raise CliError("give either a run directory or --protocols, not both")
+    roots = _protocol_roots(args.protocols)
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.is_dir():
+        raise CliError(f"argument --out: {out} is a directory; with --protocols give a file")
+    text = protocol_comparison(roots, args.epoch, paper=args.paper)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    if args.protocols is not None:
+        return _cmd_protocols(args)
+    if args.dir is None:
+        raise CliError("report: give a run directory, or --protocols NAME=DIR ...")
     print(write_report(args.dir, args.out, paper=args.paper, epoch=args.epoch))
     return 0
 

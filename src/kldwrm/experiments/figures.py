@@ -1,8 +1,9 @@
 """Figures 1 (test loss) and 2 (test accuracy) of a data set's runs, as PNG files.
 
 Each figure has one panel per test-set view with the mean ± SD band of every solver
-(:func:`.runs.mean_sd_curve`). matplotlib is imported inside the functions, so importing
-this module (and the report) does not need it.
+(:func:`.runs.mean_sd_curve`), and a dashed line at the level the "time to" table is about
+(98% accuracy by default). A regression has no accuracy: Figure 1 only. matplotlib is
+imported inside the functions, so importing this module (and the report) does not need it.
 """
 
 from __future__ import annotations
@@ -13,41 +14,55 @@ from typing import Any
 
 import numpy as np
 
-from .runs import VIEW_LABEL, Runs, display_name, mean_sd_curve, report_views
+from .runs import VIEW_LABEL, Level, Runs, display_name, mean_sd_curve, report_views
 
-__all__ = ["make_figures"]
+__all__ = ["FIGURES", "make_figures"]
+
+#: the figures: metric → (scale, y label, file name after the prefix, title)
+FIGURES: dict[str, tuple[float, str, str, str]] = {
+    "loss": (1.0, "test loss", "figure1_test_loss.png", "Figure 1"),
+    "acc": (100.0, "test accuracy (%)", "figure2_test_accuracy.png", "Figure 2"),
+}
+_ACC_98 = Level("acc", ">=", 0.98)
 
 
-def make_figures(solvers: Mapping[str, Runs], out_dir: Path, prefix: str) -> list[Path]:
-    """Figures 1 (test loss) and 2 (test accuracy): mean ± SD band per solver, one panel per
-    test-set view, PNG."""
+def make_figures(
+    solvers: Mapping[str, Runs],
+    out_dir: Path,
+    prefix: str,
+    *,
+    metrics: tuple[str, ...] = ("loss", "acc"),
+    guide: Level | None = _ACC_98,
+) -> list[Path]:
+    """The figures of ``metrics`` (:data:`FIGURES`: 1, test loss; 2, test accuracy): mean ±
+    SD band per solver, one panel per test-set view, PNG; the figure of ``guide``'s metric
+    gets a dashed line at its level."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     views = report_views([solvers])
     paths = []
-    specs = (
-        ("loss", 1.0, "test loss", f"{prefix}figure1_test_loss.png", "Figure 1"),
-        ("acc", 100.0, "test accuracy (%)", f"{prefix}figure2_test_accuracy.png", "Figure 2"),
-    )
-    for what, scale, ylabel, fname, title in specs:
+    for what in (m for m in FIGURES if m in metrics):  # Figure 1 first
+        scale, ylabel, fname, title = FIGURES[what]
+        at = scale * guide.value if guide is not None and guide.metric == what else None
         fig = Figure(figsize=(6.4 * len(views), 4.4), dpi=110)
         FigureCanvasAgg(fig)
         for i, view in enumerate(views):
             ax = fig.add_subplot(1, len(views), i + 1)
-            _plot_panel(ax, solvers, f"{view}_{what}", scale, ylabel)
+            _plot_panel(ax, solvers, f"{view}_{what}", scale, ylabel, at)
             ax.set_title(f"{title}: {VIEW_LABEL[view]} test inputs, mean ± SD over seeds",
                          fontsize=10)
         fig.tight_layout()
-        path = out_dir / fname
+        path = out_dir / f"{prefix}{fname}"
         fig.savefig(path)
         paths.append(path)
     return paths
 
 
 def _plot_panel(ax: Any, solvers: Mapping[str, Runs], key: str, scale: float,
-                ylabel: str) -> None:
-    """One panel: the mean curve and SD band of ``scale * key`` for every solver."""
+                ylabel: str, guide: float | None) -> None:
+    """One panel: the mean curve and SD band of ``scale * key`` for every solver, and a
+    dashed line at ``guide`` (already scaled) unless ``None``."""
     from matplotlib.ticker import MaxNLocator
 
     lows = []
@@ -64,6 +79,7 @@ def _plot_panel(ax: Any, solvers: Mapping[str, Runs], key: str, scale: float,
     if key.endswith("_acc"):
         lo = min(lows, default=90.0)
         ax.set_ylim(max(lo - 1.0, 90.0 if lo > 91 else 0.0), 100.0)
-        ax.axhline(98.0, color="grey", lw=0.8, ls="--")
+    if guide is not None:
+        ax.axhline(guide, color="grey", lw=0.8, ls="--")
     ax.grid(alpha=0.3)
     ax.legend()

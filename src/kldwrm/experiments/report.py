@@ -3,9 +3,17 @@
 :func:`write_report` writes, per data set, Table 1 (Markdown + CSV), the time-to-98% table
 (CSV), the claims (CSV) and Figures 1-2 (PNG); :func:`protocol_comparison` puts the tables
 and claims of several run directories (protocols) into one Markdown document. This module
-renders and writes; the numbers come from :mod:`.runs` (reading runs, Table 1 statistics,
-time to 98%), :mod:`.claims` (the statistical tests against K-FAC and their tables) and
-:mod:`.figures`.
+renders and writes; the numbers come from :mod:`.runs` (reading runs, what a data set is
+measured by, Table 1 statistics, time to a level), :mod:`.claims` (the statistical tests
+against K-FAC and their tables) and :mod:`.figures`.
+
+The "time to" table is about the data set's accuracy level (:data:`.runs.ACC_TARGET`: 98%
+for MNIST, 88% for Fashion-MNIST), named in its heading and in its file,
+``<dataset>_time_to_<level>.csv`` (``mnist_time_to_98.csv``). A data set where no run has a
+finite accuracy is a regression (:func:`.runs.measures`): its tables show the runs, the mean
+± SD of the test MSE and, where :mod:`.data` knows the noise floor, how many runs are within
+twice of it and how fast they got there (``<dataset>_time_to_2x_noise_floor.csv``); its
+claims are on the MSE only, it has Figure 1 only and never the paper's rows.
 
 For each data set the tables use the test metrics after the last epoch ``E`` that any of
 its runs reached; runs that stopped earlier are listed as incomplete and left out. SDs are
@@ -47,12 +55,16 @@ from .claims import CLAIM_SEED as CLAIM_SEED
 from .figures import make_figures
 from .runs import DISPLAY as DISPLAY
 from .runs import (
+    FLOOR_FACTOR,
     PAPER_EPOCH,
     PAPER_RUNS,
     PAPER_TABLE1,
     PAPER_VIEW,
+    TABLE1_COUNTS,
     VIEW_LABEL,
     VIEWS,
+    Level,
+    Measures,
     Protocols,
     Runs,
     SolverSummary,
@@ -61,10 +73,12 @@ from .runs import (
     display_name,
     final_epoch,
     mean_sd_curve,
+    measures,
     paper_summary,
     report_views,
     solver_key,
     summarize,
+    time_to,
     time_to_98,
 )
 from .runs import available_views as available_views
@@ -88,24 +102,110 @@ __all__ = [
     "write_report",
 ]
 
-COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("n_acc_ge_98", "N acc≥98%"),
-    ("n_acc_gt_98", "N acc>98%"),
-    ("n_acc_ge_98_5", "N acc≥98.5%"),
-    ("n_loss_le_0_25", "N loss≤0.25"),
-    ("n_loss_le_0_2", "N loss≤0.2"),
-)
+_SYMBOL = {">=": "≥", ">": ">", "<=": "≤"}
+
+
+def _level_text(level: Level, loss: str = "loss") -> str:
+    """``acc≥98%``, ``loss≤0.25``; ``loss`` names the loss (``MSE≤0.02``)."""
+    if level.metric == "acc":
+        return f"acc{_SYMBOL[level.op]}{100 * level.value:g}%"
+    return f"{loss}{_SYMBOL[level.op]}{level.value:g}"
+
+
+def _time_head(level: str) -> tuple[str, ...]:
+    """The header of the "time to" table of ``level`` (``"98%"``)."""
+    return ("Solver", f"reached {level}", f"median epochs to {level}",
+            f"median seconds to {level}", "mean step (ms)")
+
+
+COUNT_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (key, f"N {_level_text(level)}") for key, level in TABLE1_COUNTS.items())
 _STATS = ("acc_mean", "acc_sd", "loss_mean", "loss_sd")
 CSV_COLUMNS = ("dataset", "view", "solver", "source", "runs", "epoch",
                *(k for k, _ in COUNT_COLUMNS), *_STATS)
 TABLE_HEAD = ("Runs", *(h for _, h in COUNT_COLUMNS), "μ acc (%)", "σ acc (%)", "μ loss",
               "σ loss")
-TIME_HEAD = ("Solver", "reached 98%", "median epochs to 98%", "median seconds to 98%",
-             "mean step (ms)")
+TIME_HEAD = _time_head("98%")
 TIME_COLUMNS = ("view", "solver", "reached", "runs", "median_epochs", "median_seconds",
                 "mean_step_ms")
 TIME_NOTE = ("Mean step (ms): measured in runs sharing the CPU; not a speed benchmark, "
              "see docs/benchmarks.md.")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a data set's tables look (from its :class:`~.runs.Measures`).
+
+    ``counts``: (CSV key, header) per count; ``stats``: (:class:`SolverSummary` field,
+    header, format) per statistic; ``notes``: under every table; ``extra``: constant columns
+    of the table CSV.
+    """
+
+    measures: Measures
+    counts: tuple[tuple[str, str], ...]
+    stats: tuple[tuple[str, str, str], ...]
+    notes: tuple[str, ...] = ()
+    extra: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def time(self) -> tuple[str, str, str] | None:
+        """(short label, long label, file-name part) of the "time to" table; ``None`` for
+        none."""
+        return _time_labels(self.measures.target)
+
+    @property
+    def head(self) -> tuple[str, ...]:
+        return ("Runs", *(h for _, h in self.counts), *(h for _, h, _ in self.stats))
+
+    @property
+    def csv_columns(self) -> tuple[str, ...]:
+        return ("dataset", "view", "solver", "source", "runs", "epoch",
+                *(k for k, _ in self.counts), *(k for k, _, _ in self.stats), *self.extra)
+
+
+_CLASSIFICATION_STATS = tuple(zip(_STATS, TABLE_HEAD[-4:], (".2f", ".2f", ".3f", ".3f"),
+                                  strict=True))
+_REGRESSION_STATS = (("loss_mean", "μ test MSE", ".4f"), ("loss_sd", "σ test MSE", ".4f"))
+
+
+def _time_labels(target: Level | None) -> tuple[str, str, str] | None:
+    """(short label, long label, file-name part) of the "time to" table of ``target``."""
+    if target is None:
+        return None
+    if target.metric == "acc":
+        pct = f"{100 * target.value:g}"
+        return f"{pct}%", f"{pct}% test accuracy", pct
+    return (_level_text(target, "MSE"),
+            f"test MSE ≤ {target.value:g}, {FLOOR_FACTOR:g}× the noise floor",
+            f"{FLOOR_FACTOR:g}x_noise_floor")
+
+
+def _floor_note(dataset: str, floor: float | None) -> str:
+    """What the noise floor of a regression is (or that there is none)."""
+    if floor is None:
+        return f"Regression; no noise floor is known for {dataset}: no count or time near it."
+    return (f"Noise floor: test MSE {floor:g} (the variance of the label noise of {dataset}, "
+            f"kldwrm.experiments.data); N MSE≤{FLOOR_FACTOR * floor:g}: the runs within "
+            f"{FLOOR_FACTOR:g}× of it.")
+
+
+def _layout(dataset: str, m: Measures) -> _Layout:
+    """The layout of a data set measured by ``m``."""
+    loss = "MSE" if m.regression else "loss"
+    counts = tuple((k, f"N {_level_text(lv, loss)}") for k, lv in m.counts.items())
+    if not m.regression:
+        return _Layout(m, counts, _CLASSIFICATION_STATS)
+    extra = {} if m.noise_floor is None else {"noise_floor": m.noise_floor}
+    return _Layout(m, counts, _REGRESSION_STATS, (_floor_note(dataset, m.noise_floor),), extra)
+
+
+def _with_paper(dataset: str, paper: bool | None, m: Measures) -> bool:
+    """Whether to show the paper's rows (by default for MNIST only; never for a
+    regression)."""
+    return not m.regression and ((dataset == "mnist") if paper is None else paper)
 
 
 # --------------------------------------------------------------------------- Table 1
@@ -126,30 +226,32 @@ def _source(paper: bool) -> str:
     return "paper" if paper else "this run"
 
 
-def _summary_cells(s: SolverSummary, paper: bool = False) -> list[str]:
+def _summary_cells(s: SolverSummary, layout: _Layout, paper: bool = False) -> list[str]:
     """Runs, counts, means and SDs of one Table 1 row (the paper's losses to its 2
     decimals)."""
-    loss = ".2f" if paper else ".3f"
-    return [str(s.runs), *(str(s.counts[k]) for k, _ in COUNT_COLUMNS),
-            fmt(s.acc_mean, ".2f"), fmt(s.acc_sd, ".2f"), fmt(s.loss_mean, loss),
-            fmt(s.loss_sd, loss)]
+    stats = [fmt(getattr(s, k), ".2f" if paper and k.startswith("loss") else spec)
+             for k, _, spec in layout.stats]
+    return [str(s.runs), *(str(s.counts[k]) for k, _ in layout.counts), *stats]
 
 
-def _table_markdown(summaries: Sequence[SolverSummary], with_paper: bool) -> str:
-    lines = md_head(["Solver", "Source", *TABLE_HEAD])
+def _table_markdown(
+    summaries: Sequence[SolverSummary], with_paper: bool, layout: _Layout
+) -> str:
+    lines = md_head(["Solver", "Source", *layout.head])
     lines += [md_row([display_name(s.solver), f"{_source(paper)} (epoch {s.epoch})",
-                      *_summary_cells(s, paper)])
+                      *_summary_cells(s, layout, paper)])
               for paper, s in _sources(summaries, with_paper)]
     return "\n".join(lines)
 
 
 def _table_rows(
-    dataset: str, view: str, summaries: Sequence[SolverSummary], with_paper: bool
+    dataset: str, view: str, summaries: Sequence[SolverSummary], with_paper: bool,
+    layout: _Layout,
 ) -> list[dict[str, Any]]:
     """The rows of the table CSV for one view (``source``: this run or paper)."""
     return [{"dataset": dataset, "view": VIEW_LABEL[view], "solver": s.solver,
              "source": _source(paper), "runs": s.runs, "epoch": s.epoch, **s.counts,
-             **{k: getattr(s, k) for k in _STATS}}
+             **{k: getattr(s, k) for k, _, _ in layout.stats}, **layout.extra}
             for paper, s in _sources(summaries, with_paper)]
 
 
@@ -164,8 +266,8 @@ def _incomplete_notes(summaries: Sequence[SolverSummary], prefix: str = "") -> l
 # --------------------------------------------------------------------------- time to 98%
 
 
-def _time_markdown(times: Sequence[TimeTo98]) -> str:
-    lines = md_head(TIME_HEAD)
+def _time_markdown(times: Sequence[TimeTo98], level: str = "98%") -> str:
+    lines = md_head(_time_head(level))
     lines += [md_row([display_name(t.solver), f"{t.reached}/{t.runs}",
                       *(fmt(x, ".1f") for x in (t.median_epochs, t.median_seconds,
                                                 t.mean_step_ms))])
@@ -178,6 +280,21 @@ def _time_rows(view: str, times: Sequence[TimeTo98]) -> list[dict[str, Any]]:
     return [{"view": VIEW_LABEL[view], **dataclasses.asdict(t)} for t in times]
 
 
+def _time_section(
+    solvers: Mapping[str, Runs], view: str, layout: _Layout
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Markdown lines and CSV rows of the "time to" table of one view (none without a
+    level)."""
+    target, labels = layout.measures.target, layout.time
+    if target is None or labels is None:
+        return [], []
+    times = time_to(solvers, target, view)
+    short, long, _ = labels
+    lines = ["", f"Time to {long} (median over the seeds that reached it):", "",
+             _time_markdown(times, short), "", TIME_NOTE]
+    return lines, _time_rows(view, times)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -185,57 +302,66 @@ def _heading(view: str) -> str:
     return VIEWS[view][0].upper() + VIEWS[view][1:]
 
 
-def _with_paper(dataset: str, paper: bool | None) -> bool:
-    """Whether to show the paper's rows (by default for MNIST only)."""
-    return (dataset == "mnist") if paper is None else paper
-
-
 def _view_section(
-    dataset: str, view: str, solvers: Mapping[str, Runs], epoch: int, with_paper: bool
+    dataset: str, view: str, solvers: Mapping[str, Runs], epoch: int, with_paper: bool,
+    layout: _Layout,
 ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """Markdown, table rows and time rows of one test-set view."""
-    summaries = summarize(solvers, epoch, view)
-    times = time_to_98(solvers, view=view)
+    summaries = summarize(solvers, epoch, view, layout.measures.counts)
     paper_here = with_paper and view == PAPER_VIEW
-    notes = [f"Test metrics after epoch {epoch}; SD is the sample SD (ddof=1)."]
+    notes = [f"Test metrics after epoch {epoch}; SD is the sample SD (ddof=1).", *layout.notes]
     if paper_here:
         notes.append(f"Paper rows: Table 1 of the paper ({PAPER_RUNS} runs, epoch {PAPER_EPOCH}).")
     notes += _incomplete_notes(summaries)
+    time_lines, time_rows = _time_section(solvers, view, layout)
     text = "\n".join([
         f"### {_heading(view)}",
         "",
-        _table_markdown(summaries, paper_here),
+        _table_markdown(summaries, paper_here, layout),
         "",
         *notes,
-        "",
-        "Time to 98% test accuracy (median over the seeds that reached it):",
-        "",
-        _time_markdown(times),
-        "",
-        TIME_NOTE,
+        *time_lines,
     ])
-    return text, _table_rows(dataset, view, summaries, paper_here), _time_rows(view, times)
+    return text, _table_rows(dataset, view, summaries, paper_here, layout), time_rows
+
+
+def _write_csvs(
+    out: Path, dataset: str, layout: _Layout, rows: Mapping[str, list[dict[str, Any]]]
+) -> list[Path]:
+    """Write the table, time (where the layout has one) and claims CSVs of ``rows`` (keyed
+    ``"table"``, ``"time"``, ``"claims"``); returns their paths in that order."""
+    files = [("table1", layout.csv_columns, rows["table"])]
+    if (labels := layout.time) is not None:
+        files.append((f"time_to_{labels[2]}", TIME_COLUMNS, rows["time"]))
+    files.append(("claims", CLAIM_COLUMNS, rows["claims"]))
+    paths = []
+    for name, columns, records in files:
+        paths.append(out / f"{dataset}_{name}.csv")
+        write_csv(paths[-1], columns, records)
+    return paths
 
 
 def _dataset_report(
-    dataset: str, solvers: Mapping[str, Runs], out: Path, epoch: int | None, with_paper: bool
+    dataset: str, solvers: Mapping[str, Runs], out: Path, epoch: int | None,
+    paper: bool | None,
 ) -> str:
     """Write the files of one data set; returns its Markdown."""
     epoch = final_epoch(solvers) if epoch is None else epoch
+    layout = _layout(dataset, measures(dataset, [solvers]))
+    with_paper = _with_paper(dataset, paper, layout.measures)
     views = report_views([solvers])
-    sections, table_rows, time_rows = [], [], []
+    sections, rows = [], {"table": [], "time": []}
     for view in views:
-        text, rows, trows = _view_section(dataset, view, solvers, epoch, with_paper)
+        text, table_rows, time_rows = _view_section(dataset, view, solvers, epoch, with_paper,
+                                                    layout)
         sections.append(text)
-        table_rows += rows
-        time_rows += trows
-    claims_text, claim_rows = claims_section(dataset, views, solvers, epoch)
-    paths = [out / f"{dataset}_{name}" for name in
-             ("table1.md", "table1.csv", "time_to_98.csv", "claims.csv")]
-    write_csv(paths[1], CSV_COLUMNS, table_rows)
-    write_csv(paths[2], TIME_COLUMNS, time_rows)
-    write_csv(paths[3], CLAIM_COLUMNS, claim_rows)
-    figures = make_figures(solvers, out, f"{dataset}_")
+        rows["table"] += table_rows
+        rows["time"] += time_rows
+    metrics = layout.measures.metrics
+    claims_text, rows["claims"] = claims_section(dataset, views, solvers, epoch, metrics)
+    paths = [out / f"{dataset}_table1.md", *_write_csvs(out, dataset, layout, rows)]
+    figures = make_figures(solvers, out, f"{dataset}_", metrics=metrics,
+                           guide=layout.measures.target)
     text = "\n".join([
         f"## Table 1 — {dataset}",
         "",
@@ -279,7 +405,7 @@ def write_report(
         )
     out = Path(out_dir) if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    parts = [_dataset_report(dataset, solvers, out, epoch, _with_paper(dataset, paper))
+    parts = [_dataset_report(dataset, solvers, out, epoch, paper)
              for dataset, solvers in found.items()]
     return "\n\n".join(parts) + "\n"
 
@@ -288,39 +414,45 @@ def write_report(
 
 
 def _protocol_table(
-    per: Protocols, epochs: Mapping[str, int], view: str, with_paper: bool
+    per: Protocols, epochs: Mapping[str, int], view: str, with_paper: bool, layout: _Layout
 ) -> tuple[str, list[str]]:
     """Table 1 rows of every protocol, grouped by solver; and the notes on left-out runs."""
-    summaries = {name: {s.solver: s for s in summarize(solvers, epochs[name], view)}
+    counts = layout.measures.counts
+    summaries = {name: {s.solver: s for s in summarize(solvers, epochs[name], view, counts)}
                  for name, solvers in per.items()}
     order = sorted({s for by in summaries.values() for s in by}, key=solver_key)
-    lines = md_head(["Protocol", "Solver", "Epoch", *TABLE_HEAD])
+    lines = md_head(["Protocol", "Solver", "Epoch", *layout.head])
     for solver in order:
         rows = [(proto, False, by[solver]) for proto, by in summaries.items() if solver in by]
         if with_paper and (p := paper_summary(solver)) is not None:
             rows.append((_source(True), True, p))
-        lines += [md_row([label, display_name(solver), str(s.epoch), *_summary_cells(s, paper)])
+        lines += [md_row([label, display_name(solver), str(s.epoch),
+                          *_summary_cells(s, layout, paper)])
                   for label, paper, s in rows]
     notes = [n for proto, by in summaries.items()
              for n in _incomplete_notes(list(by.values()), f"{proto}: ")]
     return "\n".join(lines), notes
 
 
-def _protocol_dataset(dataset: str, per: Protocols, epoch: int | None, with_paper: bool) -> str:
+def _protocol_dataset(dataset: str, per: Protocols, epoch: int | None, paper: bool | None) -> str:
     epochs = {name: final_epoch(s) if epoch is None else epoch for name, s in per.items()}
+    layout = _layout(dataset, measures(dataset, per.values()))
+    with_paper, metrics = _with_paper(dataset, paper, layout.measures), layout.measures.metrics
     lines = [
         f"## Protocol comparison — {dataset}",
         "",
         "Epoch: " + ", ".join(f"{e} ({name})" for name, e in epochs.items())
         + ". SD is the sample SD (ddof=1).",
+        *layout.notes,
         "",
-        claims_conventions(),
+        claims_conventions(metrics),
     ]
     for view in report_views(per.values()):
-        table, notes = _protocol_table(per, epochs, view, with_paper and view == PAPER_VIEW)
+        table, notes = _protocol_table(per, epochs, view, with_paper and view == PAPER_VIEW,
+                                       layout)
         lines += ["", f"### {_heading(view)}", "", table, *([""] + notes if notes else []),
                   "", f"Claims against {display_name(REFERENCE)}:", "",
-                  protocol_claims_markdown(per, epochs, view)]
+                  protocol_claims_markdown(per, epochs, view, metrics)]
     return "\n".join(lines)
 
 
@@ -353,5 +485,5 @@ def protocol_comparison(
     parts = []
     for dataset in names:
         per = {proto: ds[dataset] for proto, ds in found.items() if dataset in ds}
-        parts.append(_protocol_dataset(dataset, per, epoch, _with_paper(dataset, paper)))
+        parts.append(_protocol_dataset(dataset, per, epoch, paper))
     return "\n\n".join(parts) + "\n"
