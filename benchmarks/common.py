@@ -26,6 +26,12 @@ import kldwrm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+#: where the IDX files of a data set ``<name>`` are looked for, in order: ``<root>/<name>``
+#: (Debian's ``dataset-fashion-mnist`` package installs ``/usr/share/datasets/fashion-mnist``)
+DATA_ROOTS = (REPO_ROOT.parent / "shared" / "data", Path("/usr/share/datasets"))
+#: the four IDX files: train images, train labels, test images, test labels
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 ALL_METHODS = ("sgd", "adam", "kfac", "so", "q", "qe")
 #: the first-order baselines (``torch.optim``); every other method has a curvature engine
 FIRST_ORDER = ("sgd", "adam")
@@ -262,14 +268,29 @@ def machine_info(device: torch.device) -> dict[str, str]:
     return info
 
 
-# -- MNIST ------------------------------------------------------------------------------------
+# -- MNIST-type data sets ------------------------------------------------------------------
 def _idx(path: Path, header: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
 
 
-def load_mnist(root: Path = MNIST_DIR) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MNIST from IDX files as float tensors in [0, 1], shape (N, 1, 28, 28), and labels."""
+def find_idx_dir(name: str, roots: Sequence[Path] = DATA_ROOTS) -> Path:
+    """The first ``<root>/<name>`` holding the four :data:`IDX_FILES`.
+
+    Raises ``FileNotFoundError`` naming the directories searched.
+    """
+    for root in roots:
+        if all((root / name / f).is_file() for f in IDX_FILES):
+            return root / name
+    searched = ", ".join(str(r / name) for r in roots)
+    raise FileNotFoundError(f"{name}: the files {', '.join(IDX_FILES)} are in none of "
+                            f"{searched} (Fashion-MNIST on Debian/Ubuntu: apt-get install "
+                            "dataset-fashion-mnist)")
+
+
+def load_idx(root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An MNIST-type data set from the IDX files in ``root``: float tensors in [0, 1],
+    shape (N, 1, 28, 28), and int64 labels (train images, labels, test images, labels)."""
     def images(name: str) -> Tensor:
         a = _idx(root / name, 16).reshape(-1, 1, 28, 28)
         return torch.from_numpy(a.astype(np.float32) / 255.0)
@@ -277,5 +298,10 @@ def load_mnist(root: Path = MNIST_DIR) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     def labels(name: str) -> Tensor:
         return torch.from_numpy(_idx(root / name, 8).astype(np.int64))
 
-    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+    return (images(IDX_FILES[0]), labels(IDX_FILES[1]), images(IDX_FILES[2]),
+            labels(IDX_FILES[3]))
+
+
+def load_mnist(root: Path | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST from ``root`` (default: :func:`find_idx_dir`), as :func:`load_idx`."""
+    return load_idx(root if root is not None else find_idx_dir("mnist"))
