@@ -92,7 +92,7 @@ def test_regression_mlp():
 
 
 def test_build_model_names_and_module_factory():
-    assert set(MODELS) == {"paper-cnn", "mlp", "resnet-small", "regression-mlp"}
+    assert set(MODELS) == {"paper-cnn", "mlp", "resnet-small", "regression-mlp", "sincos-mlp"}
     assert _n_params(build_model("paper-cnn")) == 4712
     assert _n_params(build_model("paper_cnn")) == 4712
     assert isinstance(build_model("resnet-small"), nn.Module)

@@ -68,13 +68,14 @@ class ReproduceOptions:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_REGRESSION_SHARED = dict(lr=0.05, weight_decay=0.0, kl_clip=None, update_freq=10,
-                          likelihood="gaussian")
+_REGRESSION_SHARED = dict(lr=0.05, weight_decay=0.0, update_freq=10, likelihood="gaussian")
 #: named tasks of ``kldwrm reproduce --task``: what each sets in :class:`ReproduceOptions`.
 #: ``regression`` is the eq. 35 task of the QE tests (``sincos`` data, 2-32-32-1 tanh MLP,
-#: batch 256, 30 epochs) with the tests' settings: lr 0.05, no weight decay, no KL clip,
-#: N_u 10, unit-variance gaussian likelihood; QE window 3, 5 inner steps, inner lr 0.02,
-#: momentum 0.5
+#: batch 256, 30 epochs) with the tests' settings: lr 0.05, no weight decay, N_u 10,
+#: unit-variance gaussian likelihood; QE window 3, 5 inner steps, inner lr 0.02, momentum
+#: 0.5. The KL clip stays the paper's 0.1 for every solver (the QE test runs without it):
+#: without it K-FAC and SO diverge on this task (test MSE 43 to inf in 30 epochs, measured),
+#: while Q and QE survive on their block clip.
 TASKS: dict[str, dict[str, Any]] = {
     "mnist": dict(dataset="mnist", model="paper-cnn", epochs=50, batch_size=512),
     "fashion-mnist": dict(dataset="fashion-mnist", model="paper-cnn", epochs=50,
