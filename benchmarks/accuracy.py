@@ -3,8 +3,8 @@
 For every optimizer and seed the network is trained for ``--epochs`` epochs; the test
 accuracy is evaluated after every epoch (evaluation time excluded). Reported: the first
 epoch, and the training seconds up to the end of it, at which the test accuracy reaches
-each level of the data set (MNIST 97% and 98%; Fashion-MNIST 87% and 88%, the paper CNN
-ending near 90% there, and 88% being the level of the project's reports,
+each level of the data set (MNIST 97% and 98%; Fashion-MNIST 84% and 85%: the paper CNN
+ends 10 epochs at 84-86% there (measured), and 85% is the level of the project's reports,
 ``kldwrm.experiments.runs.ACC_TARGET``); the median over seeds (a seed that never reaches the
 level counts as infinitely slow, so the median is "not reached" when half the seeds or more
 miss it); and the median training seconds per epoch, which tells whether a method wins by
@@ -58,7 +58,7 @@ class DataSet:
 
 DATASETS: dict[str, DataSet] = {
     "mnist": DataSet("mnist", "MNIST", 0.1307, 0.3081, (0.97, 0.98)),
-    "fashion-mnist": DataSet("fashion-mnist", "Fashion-MNIST", 0.2860, 0.3530, (0.87, 0.88)),
+    "fashion-mnist": DataSet("fashion-mnist", "Fashion-MNIST", 0.2860, 0.3530, (0.84, 0.85)),
 }
 
 

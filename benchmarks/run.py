@@ -8,14 +8,14 @@ Usage (from the repository root, after ``pip install -c constraints.txt -e ".[ex
     python -m benchmarks.run --stages step_time --workloads mlp,mlp-wide --update-freqs 30 \
         --methods sgd,kfac,kfac-r128,so-r128,q-r128   # issue 13: low rank, width
     python -m benchmarks.run --stages rank_tradeoff   # issue 13: accuracy against rank
-    python -m benchmarks.run --stages accuracy --dataset fashion-mnist   # time to 87% / 88%
+    python -m benchmarks.run --stages accuracy --dataset fashion-mnist   # time to 84% / 85%
     python -m benchmarks.run --device cuda       # the same suite on a GPU
     python -m benchmarks.run --render-only       # rebuild the Markdown from the store
     python -m benchmarks.run --merge gpu_check/benchmarks.json   # add another store's runs
 
 Stages: ``step_time`` (per-step wall time, interleaved rounds), ``refresh`` (the refresh
 step itemised), ``memory`` (peak memory and optimizer state), ``accuracy`` (time to 97%
-and 98% test accuracy on MNIST, to 87% and 88% on Fashion-MNIST with ``--dataset
+and 98% test accuracy on MNIST, to 84% and 85% on Fashion-MNIST with ``--dataset
 fashion-mnist``), ``kfac_vs_sgd`` (issue 2's figure, three repeats) and
 ``rank_tradeoff`` (K-FAC exact and low rank on the MNIST MLP: accuracy and seconds).
 Method names may carry a rank: ``kfac-r128`` is ``make_optimizer("kfac", model,

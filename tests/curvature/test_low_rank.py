@@ -212,3 +212,37 @@ def test_rank_64_mnist_mlp_one_epoch_matches_the_exact_solve(mnist):
         accs[rank] = train_epoch(model, KFAC(model, rank=rank), mnist)
     assert accs[None] > 0.95, accs
     assert abs(accs[64] - accs[None]) <= 0.003, accs
+
+
+@pytest.mark.parametrize("block_clip", [None, 0.02])
+def test_q_wake_with_a_rank_follows_eq30_with_the_truncated_operator(block_clip):
+    """Between refreshes Q forms ``(F̄ + γI) s`` from ``ĝ`` and the direction (no product);
+    the stored wake must still be ``ĝ_k − g_k + λ_k (F̄_r + γI) s_k`` with the dense
+    truncated operator, also when weight and bias are clipped differently."""
+    model = _mlp()
+    params = list(model.parameters())
+    wd, lr, rho = 1e-3, 0.05, 0.5
+    opt = QKLDWRM(model, lr=lr, rho=rho, update_freq=3, rank=6, kl_clip=0.05,
+                  block_clip=block_clip)
+    damping = opt.param_groups[0]["damping"]
+    mixed = 0
+    for k, (x, y) in enumerate(_batches(7)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        g = [p.grad + wd * p.detach() for p in params]
+        wake = [opt.state[p].get("wake") for p in params]
+        ghat = g if k == 0 else [gi + rho * wi for gi, wi in zip(g, wake, strict=True)]
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        s = [p.detach() - b for p, b in zip(params, before, strict=True)]
+        if block_clip is not None:
+            mixed += sum(len({opt._step_factors[i] for i in slot}) > 1
+                         for slot in opt.engine.slots)
+        for b, slot in zip(opt.engine.blocks, opt.engine.slots, strict=True):
+            fs = _unvec(b, _dense_operator(b, 1.0, damping) @ _vec(b, [s[i] for i in slot]))
+            for i, f in zip(slot, fs, strict=True):
+                expected = ghat[i] - g[i] + f / lr
+                torch.testing.assert_close(opt.state[params[i]]["wake"], expected,
+                                           rtol=1e-8, atol=1e-10)
+    if block_clip is not None:
+        assert mixed > 0  # the product path for differently clipped blocks ran

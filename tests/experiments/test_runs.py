@@ -166,8 +166,8 @@ def test_measures_of_classification_and_regression(runs_root):
     m = measures("mnist", [mnist])
     assert (m.regression, m.metrics, m.counts, m.target) == (
         False, ("acc", "loss"), TABLE1_COUNTS, Level("acc", ">=", 0.98))
-    assert measures("fashion-mnist", [mnist]).target == Level("acc", ">=", 0.88)
-    assert ACC_TARGET == {"mnist": 0.98, "fashion-mnist": 0.88}
+    assert measures("fashion-mnist", [mnist]).target == Level("acc", ">=", 0.85)
+    assert ACC_TARGET == {"mnist": 0.98, "fashion-mnist": 0.85}
     assert measures("other", [mnist]).target.value == 0.98
     # a regression is decided from the data: no finite accuracy anywhere, whatever the name
     r = measures(reg.DATASET, [reg.solvers()])

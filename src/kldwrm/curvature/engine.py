@@ -25,6 +25,7 @@ from .blocks import (
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
+from .linalg import all_finite
 
 CURVATURES = ("kron", "dense")
 
@@ -178,8 +179,7 @@ class CurvatureEngine:
         else:
             for b, slot in zip(self.blocks, self.slots, strict=True):
                 out.append(b.fresh(self.capture, [grads[i] for i in slot]))
-        flat = [t.reshape(-1) for est in out if est is not None for t in est.values()]
-        if flat and not bool(torch.isfinite(torch.cat(flat)).all()):
+        if not all_finite([t for est in out if est is not None for t in est.values()]):
             return None
         return out
 
@@ -244,14 +244,16 @@ class CurvatureEngine:
         return self._map_blocks(one, vecs)
 
     def matvec(
-        self, vecs: Sequence[Tensor], scales: Sequence[tuple[float, float, float]]
+        self, vecs: Sequence[Tensor], scales: Sequence[tuple[float, float, float]],
+        blocks: Sequence[int] | None = None,
     ) -> list[Tensor]:
-        """Blockwise ``(e·F̄ + f·F + γI) v``; ``scales[group] = (e, f, γ)``."""
+        """Blockwise ``(e·F̄ + f·F + γI) v``; ``scales[group] = (e, f, γ)``; ``blocks``: the
+        blocks to multiply (default: all with curvature), the other tensors pass through."""
         def one(b: Block, v: list[Tensor] | None) -> list[Tensor]:
             e, f, damping = scales[b.group]
             return b.matvec(v, damping, e, f)
 
-        return self._map_blocks(one, vecs)
+        return self._map_blocks(one, vecs, blocks)
 
     # -- the eigenbasis of F̄ ---------------------------------------------------------------
     def to_eigenbasis(

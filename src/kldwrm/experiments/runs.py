@@ -8,7 +8,7 @@ solver is the name of the directory above ``seed<k>``, the data set the one abov
 * what a data set's runs are measured by (:func:`measures`): classification (accuracy and
   loss) or, where no run has a finite accuracy, regression (test MSE, with the noise floor
   of the synthetic data sets of :mod:`.data`), the counts of Table 1 and the level the
-  "time to" table is about (:data:`ACC_TARGET`: 98% for MNIST, 88% for Fashion-MNIST; twice
+  "time to" table is about (:data:`ACC_TARGET`: 98% for MNIST, 85% for Fashion-MNIST; twice
   the noise floor for regression);
 * Table 1 statistics at one epoch (:func:`summarize`): counts of runs at a :class:`Level`,
   means and sample SDs (``ddof=1``, as for the paper's 10 runs), accuracies in percent; runs
@@ -112,7 +112,7 @@ TABLE1_COUNTS: dict[str, Level] = {
 #: test accuracy the "time to" table of a classification data set is about (by name;
 #: :data:`DEFAULT_ACC_TARGET` for others). The paper CNN ends near 90% on Fashion-MNIST, so
 #: 98% would never be reached there; change the level here once runs show a better one.
-ACC_TARGET: dict[str, float] = {"mnist": 0.98, "fashion-mnist": 0.88}
+ACC_TARGET: dict[str, float] = {"mnist": 0.98, "fashion-mnist": 0.85}
 DEFAULT_ACC_TARGET = 0.98
 #: regression: a run is "at the noise floor" when its test MSE is within this factor of it
 FLOOR_FACTOR = 2.0

@@ -36,6 +36,7 @@ from ..curvature import (
     unwrap,
 )
 from ..curvature.capture import OutputSelector, widen
+from ..curvature.linalg import all_finite
 from ..distributed import broadcast_generator_
 
 logger = logging.getLogger(__name__)
@@ -228,8 +229,7 @@ class CurvatureOptimizer(Optimizer):
             )
         grads = [p.grad for p in params]
         refresh = self.is_refresh_step
-        present = [gr for gr in grads if gr is not None]
-        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(present, math.inf))).all())
+        finite = all_finite([gr for gr in grads if gr is not None])
         estimates = None
         if finite and refresh:
             estimates = self.engine.fresh_estimates(grads)

@@ -66,9 +66,11 @@ class QKLDWRM(CurvatureOptimizer):
         self.q_solve = check_choice("q_solve", q_solve, Q_SOLVES)
         self.model_curvature = check_nonnegative("model_curvature", model_curvature)
         super().__init__(model, lr=lr, rho=rho, block_clip=block_clip, **kwargs)
-        # (g, ĝ, x) of the current step: in parameter coordinates with x = None on refresh
-        # steps, in the eigenbasis of F̄ (x = the direction there) between refreshes
-        self._step_vectors: tuple[list[Tensor], list[Tensor], list[Tensor] | None] | None = None
+        # (g, ĝ, x, d) of the current step: in parameter coordinates with x = None and d the
+        # direction (refresh steps, and every step with a rank), or in the eigenbasis of F̄
+        # with x the direction there and d = None
+        self._step_vectors: tuple[list[Tensor], list[Tensor], list[Tensor] | None,
+                                  list[Tensor] | None] | None = None
 
     def _ghat(self, g, wake):
         """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis."""
@@ -112,17 +114,18 @@ class QKLDWRM(CurvatureOptimizer):
             # F_k is not diagonal in the basis of F̄ (and with a rank there is no complete
             # basis): parameter coordinates
             ghat = self._ghat(g, self._wake())
-            self._step_vectors = (g, ghat, None)
-            return self.engine.solve(ghat, self._system(refresh), self.q_solve), ghat
+            d = self.engine.solve(ghat, self._system(refresh), self.q_solve)
+            self._step_vectors = (g, ghat, None, d)
+            return d, ghat
         # between refreshes: everything in the eigenbasis of F̄, where the system is diagonal
         g_t = self.engine.to_eigenbasis(g)
         ghat_t = self._ghat(g_t, self._wake())
         x_t = torch._foreach_div(ghat_t, self.engine.eigenvalues(self._system(refresh)))
-        self._step_vectors = (g_t, ghat_t, x_t)
+        self._step_vectors = (g_t, ghat_t, x_t, None)
         return self.engine.from_eigenbasis(x_t), None
 
     def _kl_terms(self, d, u):
-        _, ghat, x = self._step_vectors
+        _, ghat, x, _ = self._step_vectors
         if x is not None:  # dᵀĝ, with both in the (orthonormal) eigenbasis
             return x, ghat
         return d, u
@@ -130,10 +133,12 @@ class QKLDWRM(CurvatureOptimizer):
     def _after_step(self, g, steps, refresh):
         """``wake = ĝ_k - g_k + λ_k (F̄_k + γI) s_k``, stored in the eigenbasis of ``F̄_k``."""
         lrs = [self._lr(i) for i in range(len(self._params))]
-        g_b, ghat_b, x_t = self._step_vectors  # in the basis they were computed in
+        g_b, ghat_b, x_t, d = self._step_vectors  # in the basis they were computed in
         self._step_vectors = None
-        if x_t is None:
+        if x_t is None and (refresh or steps is not self._clipped):
             fs = self.engine.matvec(steps, self._scales())
+        elif x_t is None:
+            fs = self._damped_product(ghat_b, d, steps)
         else:  # F̄ + γI is diagonal in the eigenbasis
             fs = torch._foreach_mul(self._steps_in_eigenbasis(steps, x_t),
                                     self.engine.eigenvalues(self._scales()))
@@ -146,6 +151,29 @@ class QKLDWRM(CurvatureOptimizer):
             st = self.state[p]
             st["wake"] = w
             st["prev_lr"] = lr
+
+    def _damped_product(self, ghat, d, steps):
+        """``(F̄ + γI) s`` between refreshes without a product: ``d`` solved
+        ``(e F̄ + γI) d = ĝ`` with ``e = 1 + b/λ``, so ``(F̄ + γI) d = ĝ/e + γ (1 − 1/e) d``,
+        and ``s = factor · d`` tensor by tensor. A block whose tensors were scaled by
+        different factors (the block clip) takes the product."""
+        f = self._step_factors
+        scales = self._system(False)
+        coef_g, coef_d = [], []
+        for i in range(len(self._params)):
+            e, _, damping = scales[self._group_of[i]]
+            coef_g.append(f[i] / e)
+            coef_d.append(f[i] * damping * (1.0 - 1.0 / e))
+        fs = list(torch._foreach_mul(ghat, coef_g))
+        torch._foreach_add_(fs, torch._foreach_mul(d, coef_d))
+        mixed = [bi for bi, slot in enumerate(self.engine.slots)
+                 if len({f[i] for i in slot}) > 1]
+        if mixed:
+            exact = self.engine.matvec(steps, self._scales(), blocks=mixed)
+            for bi in mixed:
+                for i in self.engine.slots[bi]:
+                    fs[i] = exact[i]
+        return fs
 
     def _steps_in_eigenbasis(self, steps, x_t):
         """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
