@@ -206,6 +206,49 @@ target has its CPU row (2 threads), measured or not, and one more per other devi
 
 {targets13}
 
+### What stands in the way (issue 13)
+
+Written by hand from the runs above (Intel Xeon with 2 logical cores, shared VM; runs 4-9,
+study paused, load average ~2 from the benchmark itself).
+
+- **Low rank on the MLP: met for K-FAC (2.05x) and SO (2.28x), missed for Q (3.74x).**
+  Exact K-FAC there is 5.76x (the four ~1024³ products of the solve on every step).
+  With `rank=128` a step's solve is four products of `out · in · 128`; between refreshes
+  K-FAC's step costs ~19 ms against SGD's whole 18.6 ms step, and a refresh ~120 ms
+  (randomized eigensolver: three `n² · 138` products and two QRs per factor). Q pays the
+  same between refreshes (it now forms `(F̄ + γI)s` from `ĝ` and the direction, with no
+  product), but its refresh solves `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` to a relative residual of
+  1e-6: the fresh factors are truncated too (two more randomized decompositions per block)
+  and CG runs in float64 (two iterations with the closed-form preconditioner, each four
+  low-rank operator applications): ~650 ms per refresh, ~22 ms a step at N_u = 30. Running
+  the CG in float32 with a float64 residual check, or `q_solve="augmented"`, are the ways
+  down; neither is done.
+- **Width.** At width 4096 exact K-FAC costs 18x SGD (a 4096³ product takes ~0.3 s here),
+  `rank=128` 2.8x, SO 3.2x, Q 6.4x (one short round each, see the width table).
+- **Rank against accuracy.** Ranks 64 and 128 end two epochs at exact K-FAC's accuracy
+  (97.70% against 97.68%, one seed) in 0.28-0.31 of its training time; rank 16 loses 0.2
+  points; rank 256 is slower than 128 for no gain.
+- **Paper CNN: missed (K-FAC 1.12x, SO 1.12x, Q 1.14x against 1.05x).** A plain step costs
+  ~1.2 ms more than SGD's (26.8 against 25.5 ms median; the four blocks' solves, the KL
+  clip's dot products and one host synchronisation each for the finite check and the clip,
+  ~40 small operations whose dispatch dominates on these 5x26 to 30x113 matrices), and a
+  refresh ~43 ms (the sampled-label backward, the patches and Gram products of the two
+  convolutions' `A`, ~0.7 GFLOP, and the small decompositions), 1.4 ms a step at
+  N_u = 30. This session's work (one Gram product per block with the bias row built in,
+  patches copied a few examples at a time into a cache-sized buffer, lower-triangle Gram
+  halves, sum-based finite checks) did not move the figure outside this machine's noise
+  (SGD's own step went from 20 to 25 ms between runs 4 and 9). Getting to 1.05x means
+  roughly halving both parts: fusing the per-block solves into fewer kernels, and a
+  cheaper `A` for convolutions (the Gram of the im2col patches is intrinsic to KFC).
+- **Residual CNN: missed (1.06x, 1.08x, 1.08x).** Between refreshes the K-FAC step costs
+  what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
+  ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
+  up to 576 features over up to 131k patch rows, ~20 GMAC per refresh, 12 ms a step.
+- **QE on the paper CNN: missed (16.1x against 14.74x).** The bound counts each inner step
+  as one SGD step; measured, the ten inner steps cost ~1.27 SGD steps each (a functional
+  forward and backward through `torch.func.functional_call`, `B_k s`, the block clip's norm
+  and host synchronisation, the momentum update).
+
 ## Targets of issue 7 (history)
 
 Issue 7's targets, kept as a record (issue 13 above replaces its step-time targets), checked
