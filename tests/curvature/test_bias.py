@@ -19,13 +19,9 @@ from kldwrm import KFAC, QKLDWRM, SOKLDWRM
 from kldwrm.curvature import BiasBlock, KroneckerBlock
 from kldwrm.optim.qe import QEKLDWRM
 
+from .helpers import one_refresh, record, train_losses
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _cnn() -> nn.Sequential:
@@ -33,13 +29,8 @@ def _cnn() -> nn.Sequential:
                          nn.Linear(3 * 3 * 3, 4))
 
 
-def _one_refresh(model, x, y, **kw):
-    opt = KFAC(model, lr=1e-3, fisher="empirical", kl_clip=None, update_freq=1, rho=0.5,
-               bias="separate", **kw)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    return opt
+def _one_refresh(model, x, y):
+    return one_refresh(model, x, y, bias="separate")
 
 
 def _blocks(opt, module):
@@ -60,11 +51,8 @@ def _per_example_bias_grads(model, module, x, y):
 
 def _layer_record(model, module, x, y):
     """The layer's input and the per-example output gradients (summed loss)."""
-    rec = {}
-    h = module.register_forward_hook(lambda m, i, o: rec.update(a=i[0].detach(), z=o))
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    h.remove()
-    return rec["a"], torch.autograd.grad(loss, rec["z"])[0]
+    ins, grads = record(model, [module], x, y)
+    return ins[module], grads[module]
 
 
 def test_linear_separate_bias_factors_equal_independent_computation():
@@ -146,13 +134,7 @@ def test_every_optimizer_trains_with_separate_bias(cls, q_solve):
     opt = cls(model, lr=0.1, update_freq=3, bias="separate", **kw)
     kinds = [b.kind for b in opt.engine.blocks]
     assert kinds == ["kronecker", "kronecker-bias", "kronecker", "kronecker-bias"]
-    losses = []
-    for _ in range(12):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, opt, x, y, 12)
     assert all(map(math.isfinite, losses))
     assert losses[-1] < 0.8 * losses[0], losses
 

@@ -10,44 +10,15 @@ from torch import nn
 from kldwrm import KFAC
 from kldwrm.curvature import KroneckerBlock
 
+from .helpers import one_refresh, record
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """Every comparison in this file runs in float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
-
-
-def _one_refresh(model, x, y, fisher="empirical", **kw):
-    """Run one (refresh) step and return the optimizer; factors are seeded with F_0."""
-    opt = KFAC(model, lr=1e-3, fisher=fisher, kl_clip=None, update_freq=1, rho=0.5, **kw)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    return opt
 
 
 def _block(opt, module) -> KroneckerBlock:
     return next(b for b in opt.engine.blocks if getattr(b, "module", None) is module)
-
-
-def _record(model, modules, x, y):
-    """Independent record: layer inputs and per-example output gradients (sum loss)."""
-    ins, outs = {}, {}
-
-    def hook(m, i, o):
-        ins[m], outs[m] = i[0], o
-
-    hs = [m.register_forward_hook(hook) for m in modules]
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    for h in hs:
-        h.remove()
-    grads = torch.autograd.grad(loss, [outs[m] for m in modules])
-    return {m: ins[m].detach() for m in modules}, dict(zip(modules, grads, strict=True))
 
 
 def test_linear_block_is_exact_fisher_for_one_example():
@@ -61,7 +32,7 @@ def test_linear_block_is_exact_fisher_for_one_example():
         gw, gb = torch.autograd.grad(loss, [lin.weight, lin.bias], retain_graph=True)
         v = torch.cat([gw, gb[:, None]], dim=1).T.reshape(-1)  # column-major vec of [W, b]
         expected[lin] = torch.outer(v, v)
-    opt = _one_refresh(model, x, y)
+    opt = one_refresh(model, x, y)
     for lin in (model[0], model[2]):
         b = _block(opt, lin)
         torch.testing.assert_close(torch.kron(b.A_bar, b.G_bar), expected[lin], rtol=1e-12,
@@ -72,8 +43,8 @@ def test_linear_block_equals_dense_kronecker_from_recorded_statistics():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4, bias=False))
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
-    acts, deltas = _record(model, [model[0], model[2]], x, y)
-    opt = _one_refresh(model, x, y)
+    acts, deltas = record(model, [model[0], model[2]], x, y)
+    opt = one_refresh(model, x, y)
     for lin in (model[0], model[2]):
         a = acts[lin]
         if lin.bias is not None:
@@ -92,8 +63,8 @@ def test_mc_fisher_uses_labels_sampled_from_the_model():
     with torch.no_grad():
         probs = torch.softmax(model(x).float(), dim=1)
     sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).squeeze(1)
-    _, deltas = _record(model, [model[0], model[2]], x, sampled)
-    opt = _one_refresh(model, x, y, fisher="mc", seed=7)
+    _, deltas = record(model, [model[0], model[2]], x, sampled)
+    opt = one_refresh(model, x, y, fisher="mc", seed=7)
     for lin in (model[0], model[2]):
         G = deltas[lin].T @ deltas[lin] / 32
         torch.testing.assert_close(_block(opt, lin).G_bar, G, rtol=1e-12, atol=1e-14)
@@ -107,8 +78,8 @@ def test_1x1_conv_on_1x1_image_gives_the_linear_block():
         conv[0].weight.copy_(lin[0].weight[:, :, None, None])
         conv[0].bias.copy_(lin[0].bias)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
-    bl = _block(_one_refresh(lin, x, y), lin[0])
-    bc = _block(_one_refresh(conv, x[:, :, None, None], y), conv[0])
+    bl = _block(one_refresh(lin, x, y), lin[0])
+    bc = _block(one_refresh(conv, x[:, :, None, None], y), conv[0])
     torch.testing.assert_close(bc.A_bar, bl.A_bar, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(bc.G_bar, bl.G_bar, rtol=1e-13, atol=1e-15)
 
@@ -125,7 +96,7 @@ def test_conv_factors_equal_explicit_patch_computation(bias):
     head = nn.Linear(out_dim, 4)
     model = nn.Sequential(model, head)
     y = torch.randint(0, 4, (5,))
-    acts, deltas = _record(model, [conv], x, y)
+    acts, deltas = record(model, [conv], x, y)
     # independent KFC factors: explicit patches by slicing the zero-padded input
     xp = F.pad(acts[conv], (pad[1], pad[1], pad[0], pad[0]))
     d = deltas[conv]  # (N, out, Ho, Wo)
@@ -143,7 +114,7 @@ def test_conv_factors_equal_explicit_patch_computation(bias):
     A = a.T @ a / 5
     dr = d.permute(0, 2, 3, 1).reshape(-1, 3)
     G = dr.T @ dr / (5 * ho * wo)
-    b = _block(_one_refresh(model, x, y), conv)
+    b = _block(one_refresh(model, x, y), conv)
     torch.testing.assert_close(b.A_bar, A, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.G_bar, G, rtol=1e-12, atol=1e-14)
 

@@ -15,29 +15,9 @@ from kldwrm import KFAC, QKLDWRM, SOKLDWRM
 from kldwrm.curvature import KroneckerBlock
 from kldwrm.optim.qe import QEKLDWRM
 
+from .helpers import one_refresh, record, train_losses
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _refresh(model, x, y):
-    opt = KFAC(model, lr=1e-3, fisher="empirical", kl_clip=None, update_freq=1, rho=0.5)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    return opt
-
-
-def _record(model, conv, x, y):
-    rec = {}
-    h = conv.register_forward_hook(lambda m, i, o: rec.update(a=i[0].detach(), z=o))
-    loss = F.cross_entropy(model(x), y, reduction="sum")
-    h.remove()
-    return rec["a"], torch.autograd.grad(loss, rec["z"])[0]
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _explicit_factors(conv, a, d):
@@ -85,9 +65,10 @@ def test_conv_nd_factors_equal_explicit_patches(name, make, shape):
         features = conv(x).flatten(1).shape[1]
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(features, 4))
     y = torch.randint(0, 4, (shape[0],))
-    a, d = _record(model, conv, x, y)
+    ins, grads = record(model, [conv], x, y)
+    a, d = ins[conv], grads[conv]
     A, G = _explicit_factors(conv, a, d)
-    block = next(b for b in _refresh(model, x, y).engine.blocks if b.module is conv)
+    block = next(b for b in one_refresh(model, x, y).engine.blocks if b.module is conv)
     assert isinstance(block, KroneckerBlock)
     torch.testing.assert_close(block.A_bar, A, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(block.G_bar, G, rtol=1e-12, atol=1e-14)
@@ -102,8 +83,8 @@ def test_pointwise_conv_on_one_position_gives_the_linear_block(conv_cls, dims):
         conv[0].weight.copy_(lin[0].weight.reshape(3, 4, *([1] * dims)))
         conv[0].bias.copy_(lin[0].bias)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
-    bl = next(b for b in _refresh(lin, x, y).engine.blocks if b.module is lin[0])
-    bc = next(b for b in _refresh(conv, x.reshape(10, 4, *([1] * dims)), y).engine.blocks
+    bl = next(b for b in one_refresh(lin, x, y).engine.blocks if b.module is lin[0])
+    bc = next(b for b in one_refresh(conv, x.reshape(10, 4, *([1] * dims)), y).engine.blocks
               if b.module is conv[0])
     torch.testing.assert_close(bc.A_bar, bl.A_bar, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(bc.G_bar, bl.G_bar, rtol=1e-13, atol=1e-15)
@@ -126,11 +107,5 @@ def test_conv1d_model_trains(cls):
     kw = dict(window=2, inner_steps=2, inner_lr=0.02) if cls is QEKLDWRM else {}
     opt = cls(model, lr=0.05, update_freq=3, **kw)
     assert [b.kind for b in opt.engine.blocks] == ["kronecker"] * 3
-    losses = []
-    for _ in range(15):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, opt, x, y, 15)
     assert all(map(math.isfinite, losses)) and losses[-1] < 0.8 * losses[0], losses

@@ -19,13 +19,7 @@ from kldwrm import KFAC, QKLDWRM, SOKLDWRM
 from kldwrm.curvature import FactoredBlock
 from kldwrm.optim.qe import QEKLDWRM
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

@@ -26,12 +26,7 @@ from kldwrm.optim.qe import QEKLDWRM
 B, T, D, H, C = 3, 5, 4, 6, 7
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _per_position(seed: int = 0) -> nn.Sequential:
