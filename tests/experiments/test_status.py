@@ -78,3 +78,12 @@ def test_is_finished_and_check_same_run(tmp_path):
     check_same_run(TrainConfig(epochs=9).to_dict(), TrainConfig(), tmp_path)
     with pytest.raises(ConfigMismatchError, match="optimizer: 'kfac' .* vs 'sgd'"):
         check_same_run(TrainConfig().to_dict(), TrainConfig(optimizer="sgd"), tmp_path)
+
+
+def test_a_setting_added_after_a_run_was_saved_counts_as_its_default(tmp_path):
+    """An archived run's config.json from before a new setting existed still matches."""
+    saved = TrainConfig().to_dict()
+    saved.pop("drop_last")  # as if written before `drop_last` existed
+    check_same_run(saved, TrainConfig(), tmp_path)
+    with pytest.raises(ConfigMismatchError, match="drop_last"):
+        check_same_run(saved, TrainConfig(drop_last=True), tmp_path)

@@ -118,16 +118,18 @@ def run_is_finished(out_dir: str | os.PathLike[str], epochs: int) -> bool:
 
 def check_same_run(saved: Mapping[str, Any], config: TrainConfig, where: Path) -> None:
     """Refuse ``config`` when the configuration ``saved`` in ``where`` differs from it in a
-    setting outside :data:`RESUME_FREE`.
+    setting outside :data:`RESUME_FREE`. A setting the saved configuration lacks (written
+    before the setting existed) counts as its default.
 
     Raises:
         ConfigMismatchError: naming every difference.
     """
     current = config.to_dict()
+    defaults = TrainConfig().to_dict()
     diffs = [
-        f"{k}: {saved.get(k)!r} (saved) vs {current[k]!r} (requested)"
+        f"{k}: {saved.get(k, defaults[k])!r} (saved) vs {current[k]!r} (requested)"
         for k in current
-        if k not in RESUME_FREE and saved.get(k) != current[k]
+        if k not in RESUME_FREE and saved.get(k, defaults[k]) != current[k]
     ]
     if diffs:
         raise ConfigMismatchError(
