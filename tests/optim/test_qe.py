@@ -298,7 +298,6 @@ def test_q_steps_until_window_full_then_qe():
             torch.testing.assert_close(s, p.detach() - before, rtol=0, atol=1e-6)
         # QE's internal passes must not sample Fisher labels
         assert torch.equal(qe.generator.get_state(), q.generator.get_state())
-    assert qe._use_vmap  # the stored iterates' outputs came from one vmapped call
     # the stored iterates are the ones visited, newest first
     stored = qe.window_iterates()
     assert len(stored) == window and qe.iterates_stored == 6
@@ -383,6 +382,7 @@ def test_batchnorm_statistics_untouched(kl_train_mode):
     model[4].eval()  # a submodule in a different mode must keep it
     opt = QEKLDWRM(model, **QE_KW, window=2, inner_steps=3, kl_weight=0.1,
                    kl_train_mode=kl_train_mode)
+    opt._use_vmap = True  # the GPU default, so that the fallback below is exercised
     for x, y in image_batches(5):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -397,6 +397,24 @@ def test_batchnorm_statistics_untouched(kl_train_mode):
     # stored outputs: one vmap over the window, except where BatchNorm updates (cloned)
     # running statistics in train mode, which vmap cannot batch (a loop over the window)
     assert opt._use_vmap is (not kl_train_mode)
+
+
+def test_stored_outputs_vmapped_or_looped_give_the_same_step():
+    """The CPU default loops over the window, a GPU vmaps it: the same QE steps."""
+    models, opts = [], []
+    for use_vmap in (True, False):
+        torch.manual_seed(0)
+        model = small_cnn()
+        opt = QEKLDWRM(model, **QE_KW, window=3, inner_steps=4, kl_weight=0.5)
+        opt._use_vmap = use_vmap
+        models.append(model)
+        opts.append(opt)
+    for x, y in image_batches(6):
+        for model, opt in zip(models, opts, strict=True):
+            train_step(model, opt, x, y)
+    assert opts[0]._use_vmap and not opts[1]._use_vmap
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
