@@ -66,6 +66,11 @@ def _dense_factor(vals: Tensor, vecs: Tensor, tail: Tensor) -> Tensor:
     return vecs @ torch.diag(vals) @ vecs.T + tail * (torch.eye(n) - P)
 
 
+def _dense64(s) -> Tensor:
+    """A :class:`~kldwrm.curvature.kron.Spectrum` as a dense float64 matrix."""
+    return _dense_factor(s.vals.double(), s.vecs.double(), s.tail.double())
+
+
 def _dense_operator(block: FactoredBlock, e: float, damping: float) -> Tensor:
     f = block.factors
     A = _dense_factor(f.evals_A, f.evecs_A, f.tail_A)
@@ -240,3 +245,34 @@ def test_q_wake_with_a_rank_follows_eq30_with_the_truncated_operator(block_clip)
                                            rtol=1e-8, atol=1e-10)
     if block_clip is not None:
         assert mixed > 0  # the product path for differently clipped blocks ran
+
+
+def test_q_refresh_solve_in_float32_is_certified_in_float64():
+    """A float32 model: CG in float32, the 1e-6 residual measured in float64."""
+    torch.set_default_dtype(torch.float32)
+    model = _mlp().float()
+    opt = QKLDWRM(model, lr=0.5, update_freq=2, rank=6, q_solve="exact")
+    residuals = []
+    original = FactoredBlock.solve
+
+    def checking(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
+        out = original(self, vecs, damping, ea_scale, fresh_scale, method)
+        if fresh_scale != 0.0 and not self.exact:
+            (G, A), (Gf, Af) = self.factors.spectra(), self.factors._fresh_spectra()
+            M = (ea_scale * torch.kron(_dense64(A), _dense64(G))
+                 + fresh_scale * torch.kron(_dense64(Af), _dense64(Gf))
+                 + damping * torch.eye(_vec(self, vecs).numel(), dtype=torch.float64))
+            v, d = _vec(self, vecs).double(), _vec(self, out).double()
+            residuals.append(float((M @ d - v).norm() / v.norm()))
+        return out
+
+    FactoredBlock.solve = checking
+    try:
+        for x, y in _batches(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x.float()), y).backward()
+            opt.step()
+    finally:
+        FactoredBlock.solve = original
+    assert residuals and max(residuals) <= 2e-6, residuals  # 1e-6, plus float32 rounding
+    assert all(b.factors.last_residual <= 1e-6 for b in opt.engine.blocks if not b.exact)
