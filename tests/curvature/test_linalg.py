@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,6 +33,39 @@ def test_float32_failure_retries_in_float64(monkeypatch):
     assert calls == [torch.float32, torch.float64]
     assert evals.dtype == evecs.dtype == torch.float32
     torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, mat, rtol=1e-5, atol=1e-5)
+
+
+def test_silent_non_finite_float32_result_retries_in_float64(monkeypatch):
+    real = torch.linalg.eigh
+    calls = []
+
+    def silent(m):  # LAPACK returning NaN without an error, as MKL's float32 eigh did
+        calls.append(m.dtype)
+        evals, evecs = real(m)
+        if m.dtype == torch.float32:
+            evals = evals.clone()
+            evals[0] = float("nan")
+        return evals, evecs
+
+    monkeypatch.setattr(torch.linalg, "eigh", silent)
+    mat = _spd(6)
+    evals, evecs = sym_eig(mat)
+    assert calls == [torch.float32, torch.float64]
+    torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, mat, rtol=1e-5, atol=1e-5)
+
+
+def test_the_factor_on_which_mkl_returned_nan_decomposes():
+    """The 30×30 activation factor (three zero rows: dead ReLU units) of the paper CNN's
+    last layer at step 2430 of SO, seed 3, as released; MKL's float32 ``eigh`` returned NaN
+    eigenpairs for it on the development machine. The result must reconstruct it."""
+    mat = torch.load(Path(__file__).parent / "data" / "dead_relu_factor.pt", weights_only=True)
+    assert mat.shape == (30, 30) and (mat.abs().sum(1) == 0).sum() == 3
+    evals, evecs = sym_eig(mat)
+    assert torch.isfinite(evals).all() and torch.isfinite(evecs).all()
+    sym = 0.5 * (mat + mat.T)
+    rebuilt = (evecs.double() * evals.double()) @ evecs.double().T
+    scale = torch.linalg.matrix_norm(sym.double())
+    assert torch.linalg.matrix_norm(rebuilt - sym.double()) / scale < 1e-6
 
 
 def test_failure_in_float64_too_raises_a_clear_error(monkeypatch):

@@ -58,8 +58,11 @@ def sym_eig(mat: Tensor, name: str = "factor") -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric PSD matrix, eigenvalues clamped at 0.
 
     Tries the matrix's own dtype first and retries in float64 when LAPACK fails to
-    converge (it happens for badly conditioned float32 factors); the result is cast back
-    to the input dtype. Raises :class:`CurvatureError` if the float64 retry fails too.
+    converge (it happens for badly conditioned float32 factors) or silently returns
+    non-finite values: MKL's float32 ``eigh`` returned NaN eigenpairs for a finite 30×30
+    activation factor with three zero rows (dead ReLU units) in a 50-epoch MNIST run,
+    and the NaN went into the parameters. The result is cast back to the input dtype.
+    Raises :class:`CurvatureError` if the float64 retry fails too.
     """
     sym = 0.5 * (mat + mat.transpose(-1, -2))
     with single_thread(sym.shape[-1]):
@@ -69,18 +72,23 @@ def sym_eig(mat: Tensor, name: str = "factor") -> tuple[Tensor, Tensor]:
 def _eig(sym: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, Tensor]:
     try:
         evals, evecs = torch.linalg.eigh(sym)
+        problem = None if all_finite([evals, evecs]) else "non-finite eigenpairs"
     except RuntimeError as first:  # torch raises _LinAlgError (a RuntimeError subclass)
-        logger.warning("eigh of %s failed in %s (%s); retrying in float64", name, sym.dtype, first)
-        try:
-            evals, evecs = torch.linalg.eigh(sym.double())
-        except RuntimeError as second:
-            finite = bool(torch.isfinite(sym).all())
-            raise CurvatureError(
-                f"could not eigendecompose the curvature {name} of shape {tuple(sym.shape)} "
-                f"even in float64 (finite entries: {finite}): {second}"
-            ) from second
-        evals, evecs = evals.to(dtype), evecs.to(dtype)
-    return evals.clamp_min(0.0), evecs
+        problem = str(first)
+    if problem is None:
+        return evals.clamp_min(0.0), evecs
+    logger.warning("eigh of %s failed in %s (%s); retrying in float64", name, sym.dtype, problem)
+    try:
+        evals, evecs = torch.linalg.eigh(sym.double())
+        if not all_finite([evals, evecs]):
+            raise RuntimeError("non-finite eigenpairs")
+    except RuntimeError as second:
+        finite = bool(torch.isfinite(sym).all())
+        raise CurvatureError(
+            f"could not eigendecompose the curvature {name} of shape {tuple(sym.shape)} "
+            f"even in float64 (finite entries: {finite}): {second}"
+        ) from second
+    return evals.to(dtype).clamp_min(0.0), evecs.to(dtype)
 
 
 def conjugate_gradient(
