@@ -208,21 +208,27 @@ target has its CPU row (2 threads), measured or not, and one more per other devi
 
 ### What stands in the way (issue 13)
 
-Written by hand from the runs above (Intel Xeon with 2 logical cores, shared VM; runs 4-9,
+Written by hand from the runs above (Intel Xeon with 2 logical cores, shared VM; runs 4-13,
 study paused, load average ~2 from the benchmark itself).
 
-- **Low rank on the MLP: met for K-FAC (2.05x) and SO (2.28x), missed for Q (3.74x).**
-  Exact K-FAC there is 5.76x (the four ~1024³ products of the solve on every step).
-  With `rank=128` a step's solve is four products of `out · in · 128`; between refreshes
-  K-FAC's step costs ~19 ms against SGD's whole 18.6 ms step, and a refresh ~120 ms
-  (randomized eigensolver: three `n² · 138` products and two QRs per factor). Q pays the
-  same between refreshes (it now forms `(F̄ + γI)s` from `ĝ` and the direction, with no
-  product), but its refresh solves `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` to a relative residual of
-  1e-6: the fresh factors are truncated too (two more randomized decompositions per block)
-  and CG runs in float64 (two iterations with the closed-form preconditioner, each four
-  low-rank operator applications): ~650 ms per refresh, ~22 ms a step at N_u = 30. Running
-  the CG in float32 with a float64 residual check, or `q_solve="augmented"`, are the ways
-  down; neither is done.
+- **Low rank on the MLP: met for K-FAC (2.05x in run 6, 2.23x in run 12); SO on the line
+  (2.28x in run 6, 2.42x in run 12, against 2.4x: this machine's noise between two quiet
+  runs is larger than the margin); missed for Q (3.74x, then 3.78x after its refresh CG
+  moved to float32).** Exact K-FAC there is 5.76x (the four ~1024³ products of the solve
+  on every step). With `rank=128` a step's solve is four products of `out · in · 128`; a
+  K-FAC step between refreshes costs ~34 ms against SGD's 17.7 ms (profiled outside the
+  benchmark, synthetic batch), and a refresh ~140 ms (randomized eigensolver: three
+  `n² · 138` products and two QRs per factor). Q costs ~8 ms more per ordinary step (its
+  recursion's vector operations over the 1.9M parameters: `ĝ`, the wake, `(F̄ + γI)s` from
+  `ĝ` and the direction, each memory-bound), and its refresh ~550 ms: it solves
+  `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` to a relative residual of 1e-6, so the fresh factors are
+  truncated too (two more randomized decompositions per block, ~150 ms for the ten of a
+  refresh) and CG runs (~430 ms for the three blocks: each operator application is eight
+  low-rank products, plus the float64 residual check of the iterative refinement). Moving
+  the CG to float32 saved less than this machine's noise. What would meet it: a
+  `q_solve="augmented"` refresh (one decomposition pair, no CG; the released code's
+  approximation), or a looser residual than DESIGN's 1e-6 for low-rank operators, which
+  are themselves approximations.
 - **Width.** At width 4096 exact K-FAC costs 18x SGD (a 4096³ product takes ~0.3 s here),
   `rank=128` 2.8x, SO 3.2x, Q 6.4x (one short round each, see the width table).
 - **Rank against accuracy.** Ranks 64 and 128 end two epochs at exact K-FAC's accuracy
@@ -244,10 +250,11 @@ study paused, load average ~2 from the benchmark itself).
   what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
   ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
   up to 576 features over up to 131k patch rows, ~20 GMAC per refresh, 12 ms a step.
-- **QE on the paper CNN: missed (16.1x against 14.74x).** The bound counts each inner step
-  as one SGD step; measured, the ten inner steps cost ~1.27 SGD steps each (a functional
-  forward and backward through `torch.func.functional_call`, `B_k s`, the block clip's norm
-  and host synchronisation, the momentum update).
+- **QE on the paper CNN: met (13.85x against 14.74x, run 13; 16.1x in run 9).** The bound
+  counts each inner step as one SGD step. Between runs 9 and 13 the window's symmetric KL
+  became one broadcast expression over the stacked stored outputs (their log-probabilities
+  once per step), and the stored outputs come from one forward per iterate on a CPU, where a
+  `vmap` was 1.8x slower.
 
 ## Targets of issue 7 (history)
 
