@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=docs/results/runs
 W=(--workers "${WORKERS:-2}" --threads 1 --no-progress)
-# a step's own --epochs comes last and wins over the protocol's 50
-step() { echo "== $(date -u +%FT%TZ) kldwrm $*"; kldwrm "$@" "${W[@]}" --epochs 50 > /dev/null; }
+# the protocol's 50 epochs come right after the command, so that a step's own --epochs
+# (later on the line; argparse keeps the last) wins
+step() { local cmd=$1; shift; echo "== $(date -u +%FT%TZ) kldwrm $cmd $*"
+         kldwrm "$cmd" --epochs 50 "$@" "${W[@]}" > /dev/null; }
 # Order: what answers the most questions first, so that a study cut short still covers
 # every question (each protocol, both data sets, the regression task) with 5 seeds.
 # MNIST, K-FAC / SO / Q, seeds 0-4, faithful as-released protocol and corrected protocol
