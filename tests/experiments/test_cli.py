@@ -8,9 +8,11 @@ traceback. argparse's own errors: usage, then its ``error:`` line, exit status 2
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -274,3 +276,34 @@ def test_report_of_a_directory_is_unchanged(capsys, tmp_path, two_protocols):
     assert main(["report", str(two_protocols["corrected"]), "--out", str(tmp_path / "r")]) == 0
     text = capsys.readouterr().out
     assert text.startswith("## Table 1 — mnist") and (tmp_path / "r" / "mnist_table1.md").is_file()
+
+
+def _metrics_rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def test_sigterm_stops_a_background_sweep_like_ctrl_c(tmp_path, mnist_dir):
+    """``kill PID`` on a sweep started in the background (where the shell makes it ignore
+    SIGINT) stops every worker at a step boundary with its checkpoint saved."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "kldwrm", "reproduce", "--solvers", "kfac", "so",
+           "--seeds", "0", "--epochs", "200", "--subset", "1024", "--workers", "2",
+           "--threads", "1", "--no-progress", "--data-dir", str(mnist_dir), "--out", str(out)]
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint)
+    runs = [out / "mnist" / s / "seed0" for s in ("kfac", "so")]
+    deadline = time.monotonic() + 120
+    while min(_metrics_rows(r / "metrics.csv") for r in runs) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    for r in runs:
+        assert 1 <= _metrics_rows(r / "metrics.csv") < 200
+        assert (r / "checkpoint.pt").is_file()

@@ -13,7 +13,9 @@ import argparse
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -740,8 +742,29 @@ def missing_extras() -> list[str]:
     return [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    """``kill PID`` (SIGTERM) stops a command as Ctrl-C does: a run stops at a step boundary
+    with its checkpoint saved, a sweep tells its workers to do the same. Needed because a
+    job started in the background by a non-interactive shell ignores SIGINT."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored or default: stop the way an uncaught Ctrl-C would
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kldwrm`` console script; returns the exit status."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     missing = missing_extras()
     if missing:
         print(
