@@ -3,7 +3,8 @@
 #   pip install -c constraints.txt -e '.[experiments]'
 # Every command skips finished runs (an archived run needs only its metrics.csv and
 # config.json) and resumes interrupted ones from their checkpoints: run this script again
-# to continue after an interruption (Ctrl-C stops every worker at a step boundary).
+# to continue after an interruption (Ctrl-C, or `kill` of the running kldwrm process, stops
+# every worker at a step boundary; kill study.sh itself first so it does not go on).
 # Runs land in docs/results/runs/<protocol>/<dataset>/<solver>/seed<k>/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
