@@ -38,3 +38,23 @@ def test_regression_has_figure_1_only(tmp_path):
     # the figures come in their order whatever the order of the metrics
     both = make_figures(reg.solvers(), tmp_path, "b_", metrics=("acc", "loss"))
     assert [p.name for p in both] == ["b_figure1_test_loss.png", "b_figure2_test_accuracy.png"]
+
+
+def test_loss_panels_are_log_scaled_with_the_band_kept_positive(tmp_path):
+    from matplotlib.figure import Figure
+
+    from kldwrm.experiments.figures import _plot_panel
+
+    solvers = reg.solvers()
+    ax = Figure().add_subplot()
+    _plot_panel(ax, solvers, "test_loss", 1.0, "test loss", None)
+    assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
+    smallest = min(float(row["test_loss"]) for runs in solvers.values()
+                   for rows in runs.values() for row in rows)
+    for band in ax.collections:  # the SD bands: every vertex above 0
+        verts = band.get_paths()[0].vertices
+        assert verts[:, 1].min() > 0 and verts[:, 1].min() >= 0.5 * smallest * (1 - 1e-12)
+    acc = Figure().add_subplot()
+    mnist = collect_runs(write_runs(tmp_path / "runs"))["mnist"]
+    _plot_panel(acc, mnist, "test_acc", 100.0, "acc", 98.0)
+    assert acc.get_yscale() == "linear"

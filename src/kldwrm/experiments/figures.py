@@ -65,17 +65,23 @@ def _plot_panel(ax: Any, solvers: Mapping[str, Runs], key: str, scale: float,
     dashed line at ``guide`` (already scaled) unless ``None``."""
     from matplotlib.ticker import MaxNLocator
 
-    lows = []
-    for solver, runs in solvers.items():
-        ep, mean, sd = mean_sd_curve(runs, key, scale)
-        label = f"{display_name(solver)} (n={len(runs)})"
+    curves = {solver: mean_sd_curve(runs, key, scale) for solver, runs in solvers.items()}
+    means = [m[np.isfinite(m)] for _, m, _ in curves.values()]
+    lows = [float(m.min()) for m in means if m.size]
+    # a loss spans orders of magnitude over training (and is positive): log axis, the SD
+    # band cut at half the smallest mean
+    log = key.endswith("_loss") and bool(lows) and min(lows) > 0
+    floor = 0.5 * min(lows) if log else -np.inf
+    for solver, (ep, mean, sd) in curves.items():
+        label = f"{display_name(solver)} (n={len(solvers[solver])})"
         (line,) = ax.plot(ep, mean, marker="o" if len(ep) < 12 else None, ms=3, label=label)
-        ax.fill_between(ep, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
-        if len(mean) and np.isfinite(mean).any():
-            lows.append(float(np.nanmin(mean)))
+        ax.fill_between(ep, np.maximum(mean - sd, floor), mean + sd, color=line.get_color(),
+                        alpha=0.2, lw=0)
+    if log:
+        ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
     if key.endswith("_acc"):
         lo = min(lows, default=90.0)
         ax.set_ylim(max(lo - 1.0, 90.0 if lo > 91 else 0.0), 100.0)
