@@ -110,6 +110,13 @@ def test_claims_with_fewer_than_two_runs_and_without_kfac(runs_root, tmp_path_fa
     shutil.copytree(runs_root / "mnist" / "qe", kfac_only / "mnist" / "kfac")
     assert "Only K-FAC runs: nothing to compare." in write_report(kfac_only)
     assert read_csv(kfac_only / "report" / "mnist_claims.csv") == []
+    one_each = tmp_path_factory.mktemp("one_each")
+    for solver in ("kfac", "qe"):
+        shutil.copytree(runs_root / "mnist" / "qe" / "seed0",
+                        one_each / "mnist" / solver / "seed0")
+    text = write_report(one_each)
+    assert "One run per solver: the tests need at least 2 seeds per solver" in text
+    assert "| Pair" not in text and read_csv(one_each / "report" / "mnist_claims.csv") == []
 
 
 def test_claims_with_a_non_finite_value():

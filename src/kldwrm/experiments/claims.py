@@ -211,10 +211,14 @@ def _claim_record(dataset: str, view: str, row: ClaimRow) -> dict[str, Any]:
 
 
 def _nothing_to_compare(solver_sets: Iterable[Mapping[str, Runs]]) -> str | None:
-    """Why no claims can be made (no run set has the reference and another solver)."""
+    """Why no claims can be made: no run set has the reference and another solver, or no
+    solver has 2 runs (``kldwrm compare``'s single seed)."""
     ref = display_name(REFERENCE)
     sets = list(solver_sets)
     if any(REFERENCE in s and len(s) > 1 for s in sets):
+        if all(len(runs) < 2 for s in sets for runs in s.values()):
+            return ("One run per solver: the tests need at least 2 seeds per solver "
+                    "(e.g. --seeds 0-4).")
         return None
     if any(REFERENCE in s for s in sets):
         return f"Only {ref} runs: nothing to compare."
