@@ -19,7 +19,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["categorical_skl", "gaussian_skl", "symmetric_kl"]
+__all__ = [
+    "categorical_skl",
+    "categorical_skl_of_log_probs",
+    "gaussian_skl",
+    "gaussian_skl_per_row",
+    "symmetric_kl",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -49,6 +55,19 @@ def _reduce(per_example: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def categorical_skl_of_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Per-example ``½ Σ_c (p_c - q_c)(log p_c - log q_c)`` (eq. 2) from log-probabilities
+    over the last dimension; the arguments broadcast (e.g. a stacked window of stored
+    networks against the current one), no checks."""
+    return 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)
+
+
+def gaussian_skl_per_row(h1: Tensor, h2: Tensor) -> Tensor:
+    """Per-row ``½ ‖h1 - h2‖²`` over the last dimension (eq. 33); the arguments broadcast,
+    no checks."""
+    return 0.5 * (h1 - h2).square().sum(dim=-1)
+
+
 def categorical_skl(logits_p: Tensor, logits_q: Tensor, reduction: str = "mean") -> Tensor:
     """Symmetric KL between two softmax (categorical) predictive distributions.
 
@@ -65,9 +84,9 @@ def categorical_skl(logits_p: Tensor, logits_q: Tensor, reduction: str = "mean")
     _check_pair(logits_p, logits_q, ("logits_p", "logits_q"))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    log_p = F.log_softmax(logits_p, dim=-1)
-    log_q = F.log_softmax(logits_q, dim=-1)
-    per_example = 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)
+    per_example = categorical_skl_of_log_probs(
+        F.log_softmax(logits_p, dim=-1), F.log_softmax(logits_q, dim=-1)
+    )
     return _reduce(per_example, reduction)
 
 
@@ -85,8 +104,7 @@ def gaussian_skl(h1: Tensor, h2: Tensor, reduction: str = "mean") -> Tensor:
     _check_pair(h1, h2, ("h1", "h2"))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    diff = (h1 - h2).reshape(h1.shape[0], -1)
-    per_example = 0.5 * (diff * diff).sum(dim=1)
+    per_example = gaussian_skl_per_row(h1.reshape(h1.shape[0], -1), h2.reshape(h2.shape[0], -1))
     return _reduce(per_example, reduction)
 
 

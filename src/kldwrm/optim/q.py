@@ -166,14 +166,8 @@ class QKLDWRM(CurvatureOptimizer):
             coef_d.append(f[i] * damping * (1.0 - 1.0 / e))
         fs = list(torch._foreach_mul(ghat, coef_g))
         torch._foreach_add_(fs, torch._foreach_mul(d, coef_d))
-        mixed = [bi for bi, slot in enumerate(self.engine.slots)
-                 if len({f[i] for i in slot}) > 1]
-        if mixed:
-            exact = self.engine.matvec(steps, self._scales(), blocks=mixed)
-            for bi in mixed:
-                for i in self.engine.slots[bi]:
-                    fs[i] = exact[i]
-        return fs
+        return self._mixed_blocks_from(
+            fs, lambda blocks: self.engine.matvec(steps, self._scales(), blocks=blocks))
 
     def _steps_in_eigenbasis(self, steps, x_t):
         """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
@@ -184,15 +178,22 @@ class QKLDWRM(CurvatureOptimizer):
         """
         if steps is not self._clipped:
             return self.engine.to_eigenbasis(steps)
+        out = list(torch._foreach_mul(x_t, self._step_factors))
+        return self._mixed_blocks_from(
+            out, lambda blocks: self.engine.to_eigenbasis(steps, blocks=blocks))
+
+    def _mixed_blocks_from(self, out, exact):
+        """``out`` with the tensors of each block whose tensors took different step factors
+        (the block clip scaled weight and bias differently) replaced by ``exact(blocks)``,
+        which computes those blocks without the shortcut."""
         f = self._step_factors
-        out = list(torch._foreach_mul(x_t, f))
         mixed = [bi for bi, slot in enumerate(self.engine.slots)
                  if len({f[i] for i in slot}) > 1]
         if mixed:
-            rotated = self.engine.to_eigenbasis(steps, blocks=mixed)
+            full = exact(mixed)
             for bi in mixed:
                 for i in self.engine.slots[bi]:
-                    out[i] = rotated[i]
+                    out[i] = full[i]
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

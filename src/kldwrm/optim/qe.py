@@ -21,6 +21,7 @@ from torch.func import functional_call, vmap
 from .._validation import check_int_at_least, check_nonnegative, check_positive
 from ..curvature.capture import num_examples, select_output, widen
 from ..distributed import all_reduce_mean_
+from ..divergence import categorical_skl_of_log_probs, gaussian_skl_per_row
 from .q import QKLDWRM
 
 #: one captured forward call of the user's model: (positional args, keyword args)
@@ -46,8 +47,9 @@ class _Window:
 
     ``Σ_j w_j SKL(θ_{k-j}, θ)`` averaged over every example (each leading position of a
     ``(..., C)`` output, DESIGN section 1) is one broadcast expression over the stacked
-    window, so the stored side (log-probabilities, or gaussian means) is computed once per
-    step and each inner step adds only the current network's log-softmax.
+    window (the per-example formulas of :mod:`kldwrm.divergence`), so the stored side
+    (log-probabilities, or gaussian means) is computed once per step and each inner step
+    adds only the current network's log-softmax.
     """
 
     def __init__(self, stored: Tensor, weights: Sequence[float], likelihood: str) -> None:
@@ -56,11 +58,7 @@ class _Window:
             w, -1, stored.shape[-1])
         self.likelihood = likelihood
         self.weights = stored.new_tensor(weights)
-        if likelihood == "categorical":
-            self.log_p = torch.log_softmax(stored, dim=-1)
-            self.p = self.log_p.exp()
-        else:
-            self.means = stored
+        self.stored = torch.log_softmax(stored, dim=-1) if likelihood == "categorical" else stored
 
     def skl(self, current: Tensor) -> Tensor:
         """``Σ_j w_j SKL(θ_{k-j}, current)``, each SKL averaged over the examples (eqs. 2, 4;
@@ -68,10 +66,9 @@ class _Window:
         current = current.reshape(1, -1, 1) if current.dim() == 1 else current.reshape(
             1, -1, current.shape[-1])
         if self.likelihood == "categorical":
-            log_q = torch.log_softmax(current, dim=-1)
-            per = 0.5 * ((self.p - log_q.exp()) * (self.log_p - log_q)).sum(-1)
+            per = categorical_skl_of_log_probs(self.stored, torch.log_softmax(current, dim=-1))
         else:
-            per = 0.5 * (self.means - current).square().sum(-1)
+            per = gaussian_skl_per_row(self.stored, current)
         return per.mean(dim=1) @ self.weights
 
 
