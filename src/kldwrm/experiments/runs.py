@@ -226,13 +226,22 @@ class Measures:
     noise_floor: float | None = None
 
 
+def _classification_counts(dataset: str, target: Level) -> dict[str, Level]:
+    """Table 1's counts on MNIST, whose levels (98%, loss 0.25) the paper chose for it;
+    elsewhere those levels mean nothing (the paper CNN never reaches 98% on Fashion-MNIST),
+    so the one count is of runs at the data set's "time to" ``target``."""
+    if dataset == "mnist":
+        return TABLE1_COUNTS
+    return {f"n_acc_ge_{100 * target.value:g}".replace(".", "_"): target}
+
+
 def measures(dataset: str, solver_sets: Iterable[Mapping[str, Runs]]) -> Measures:
     """The :class:`Measures` of ``dataset``: a regression when none of ``solver_sets`` has a
     finite accuracy (test MSE, runs within :data:`FLOOR_FACTOR` of the noise floor), else
-    classification (Table 1's counts, time to :data:`ACC_TARGET`)."""
+    classification (Table 1's counts on MNIST, time to :data:`ACC_TARGET`)."""
     if not all(is_regression(s) for s in solver_sets):
         acc = Level("acc", ">=", ACC_TARGET.get(dataset, DEFAULT_ACC_TARGET))
-        return Measures(False, ("acc", "loss"), TABLE1_COUNTS, acc)
+        return Measures(False, ("acc", "loss"), _classification_counts(dataset, acc), acc)
     floor = noise_floor(dataset)
     if floor is None:
         return Measures(True, ("loss",), {}, None)
