@@ -20,5 +20,7 @@ Modules (imported on demand, so ``import kldwrm`` stays light):
   paper's claims), :mod:`~kldwrm.experiments.figures`, :mod:`~kldwrm.experiments.tables`
   and :mod:`~kldwrm.experiments.report` (Table 1, figures, time to accuracy).
 - :mod:`~kldwrm.experiments.timing`: the quick interleaved step-time check of ``compare``.
-- :mod:`~kldwrm.experiments.cli`: the ``kldwrm`` command (``python -m kldwrm``).
+- :mod:`~kldwrm.experiments.cli`: the ``kldwrm`` command (``python -m kldwrm``), with its
+  parser in :mod:`~kldwrm.experiments.arguments` and its progress bars in
+  :mod:`~kldwrm.experiments.progress`.
 """
