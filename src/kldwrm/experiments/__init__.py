@@ -2,7 +2,8 @@
 
 Modules (imported on demand, so ``import kldwrm`` stays light):
 
-- :mod:`~kldwrm.experiments.data`: MNIST / Fashion-MNIST from the IDX files (MD5-verified),
+- :mod:`~kldwrm.experiments.data`: MNIST / Fashion-MNIST from the IDX files (MD5-verified,
+  :mod:`~kldwrm.experiments.idx`),
   synthetic regression sets (``sincos``: the QE tests' eq. 35 task), a batch iterator.
 - :mod:`~kldwrm.experiments.models`: ``paper_cnn`` (DESIGN section 4), ``mlp``,
   ``resnet_small``, ``regression_mlp``, ``sincos_mlp``, ``build_model``.
