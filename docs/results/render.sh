@@ -19,5 +19,5 @@ have() { for d in "$@"; do [ -d "$R/$d" ] || { echo "skipped: no $R/$d yet"; ret
   previous="$R/released-previous" --epoch 10 --out "$O/faithful-vs-previous-epoch10.md"
 # the regression task of eq. 35 (30 epochs)
 ! have regression || report "$R/regression" --epoch 30 --out "$O/regression"
-# the status table of README.md (runs finished and in progress)
-python3 docs/results/status.py
+# the generated tables of README.md (status, MNIST and Fashion-MNIST tables and tests)
+python3 docs/results/readme.py
