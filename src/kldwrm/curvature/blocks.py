@@ -344,7 +344,7 @@ class KroneckerBlock(FactoredBlock):
     def _output_factor(self, capture) -> tuple[Tensor, float]:
         """``Γ = (1/R) Σ δ δᵀ`` over the ``R`` counted rows of output gradients, and ``R``."""
         blocks = [(self._delta_columns(d, self._rows(capture, d, call)),
-                   capture.delta_scale(call) ** 2)
+                   capture.delta_scale() ** 2)
                   for d, call in zip(capture.deltas[self.module],
                                      capture.delta_calls[self.module], strict=True)]
         rows = sum(cols.shape[1] for cols, _ in blocks)
@@ -412,7 +412,7 @@ class BiasBlock(FactoredBlock):
         return delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
 
     def _sums(self, capture) -> tuple[Tensor, float]:
-        blocks = [(self._example_sums(capture, d, call).T, capture.delta_scale(call) ** 2)
+        blocks = [(self._example_sums(capture, d, call).T, capture.delta_scale() ** 2)
                   for d, call in zip(capture.deltas[self.module],
                                      capture.delta_calls[self.module], strict=True)]
         n = sum(sums.shape[1] for sums, _ in blocks)

@@ -24,7 +24,11 @@ layers whose rows are those positions (same leading shape as the output) drop th
 
 Every forward pass of the root module while armed is one *call* (several with gradient
 accumulation); each recorded tensor remembers its call, so rows can be matched to the
-examples of the output they produced.
+examples of the output they produced. The step's gradient is taken to be that of the mean
+loss over the examples of all its calls, which is what the usual accumulation loop
+computes (each micro-batch's mean loss weighted by its share of the examples): the step on
+accumulated micro-batches then equals the step on their concatenation
+(:meth:`Capture.delta_scale`).
 """
 
 from __future__ import annotations
@@ -181,7 +185,8 @@ class Capture:
         self._rank_generator: torch.Generator | None = None
         self.root_inputs: list[Tensor] = []
         self.root_outputs: list[Tensor] = []
-        self.root_output_grads: list[Tensor] = []
+        #: per call: the gradient of the user's loss w.r.t. the output (empirical Fisher)
+        self.root_output_grads: dict[int, Tensor] = {}
 
     def num_examples(self) -> int:
         """Examples of every call of this step (the ``N`` of the factors' averages)."""
@@ -255,16 +260,22 @@ class Capture:
             self._outputs[module] = output
 
     def _record_delta(self, module: nn.Module, call: int, grad: Tensor) -> None:
-        """Empirical Fisher: the gradient of the user's mean loss (times the call's examples
+        """Empirical Fisher: the gradient of the user's mean loss (times the step's examples
         once they are known, :meth:`delta_scale`)."""
         self.deltas.setdefault(module, []).append(grad.detach())
         self.delta_calls.setdefault(module, []).append(call)
 
-    def delta_scale(self, call: int) -> float:
-        """Factor that turns a recorded output gradient into per-example gradients: the
-        call's examples ``N`` for the empirical Fisher (the user's loss is a mean over
-        them; known only once the backward has reached the output), 1 for "mc"."""
-        return float(self.examples[call]) if self.fisher == "empirical" else 1.0
+    def delta_scale(self) -> float:
+        """Factor that turns a recorded output gradient into per-example gradients: 1 for
+        "mc"; for the empirical Fisher the step's examples ``N``, summed over its calls.
+
+        The gradient a step uses is taken to be that of the mean loss over all ``N``
+        examples of the step, as with gradient accumulation done the usual way (each
+        micro-batch's mean loss divided by the number of micro-batches): the step then
+        equals the step on the concatenated batch, and the Kronecker blocks agree with the
+        diagonal blocks' ``N·ḡ²``. Known only once every backward has run.
+        """
+        return float(sum(self.examples)) if self.fisher == "empirical" else 1.0
 
     def _root_hook(self, module, args, kwargs, output: Any) -> None:
         try:
@@ -301,8 +312,8 @@ class Capture:
             if n < counted.numel():
                 self.masks[call] = counted.reshape(self.output_shapes[call])
                 self.examples[call] = max(n, 1)
-        if self.record_root:
-            self.root_output_grads.append(g * self.examples[call])
+        if self.record_root:  # scaled to per-example gradients when used (delta_scale)
+            self.root_output_grads[call] = g
 
     def _sampled_backward(self, output: Tensor, call: int) -> None:
         """Fisher "mc" (eq. 5): one backward of the summed sampled-label loss, to the layer

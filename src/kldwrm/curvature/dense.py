@@ -121,8 +121,7 @@ def _output_metric(
         p = torch.softmax(out, dim=1)
         return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     if fisher == "empirical":
-        # backward hooks append in reverse order of the forward calls
-        e = capture.root_output_grads[len(capture.root_output_grads) - 1 - call].reshape(n, c)
+        e = capture.root_output_grads[call].reshape(n, c) * capture.delta_scale()  # per example
     else:
         if likelihood == "categorical":
             p = torch.softmax(out, dim=1)
