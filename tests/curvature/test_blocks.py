@@ -137,3 +137,49 @@ def test_mc_fisher_gaussian_likelihood_samples_unit_variance_targets():
     opt.step()
     torch.testing.assert_close(_block(opt, model[2]).G_bar, delta.T @ delta / 20, rtol=1e-12,
                                atol=1e-14)
+
+
+def _tied_models():
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight  # two layers, one weight
+    linear = nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(6, 3))
+    emb, out = nn.Embedding(3, 6), nn.Linear(6, 3, bias=False)
+    out.weight = emb.weight  # tied embedding and output layer
+    lm = nn.Sequential(emb, nn.Tanh(), out)
+    return linear, lm
+
+
+def test_a_shared_tensor_is_in_exactly_one_block():
+    linear, lm = _tied_models()
+    with pytest.warns(UserWarning, match="layer '2' is shared with an earlier layer"):
+        opt = KFAC(linear, update_freq=1)
+    slots = sorted(i for slot in opt.engine.slots for i in slot)
+    assert slots == list(range(len(opt._params)))  # each tensor once
+    kinds = {b.name: type(b).__name__ for b in opt.engine.blocks}
+    assert kinds == {"0": "KroneckerBlock", "4": "KroneckerBlock", "2.bias": "DiagonalBlock"}
+    opt = KFAC(lm, update_freq=1)  # the embedding is diagonal anyway: no warning, no clash
+    assert [type(b).__name__ for b in opt.engine.blocks] == ["KroneckerBlock"]
+    assert sorted(i for slot in opt.engine.slots for i in slot) == [0]
+
+
+def test_tied_weights_step_is_the_first_layers_block_applied_to_the_whole_gradient():
+    linear, _ = _tied_models()
+    linear = linear.double()
+    x = torch.randn(32, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    with pytest.warns(UserWarning):
+        opt = KFAC(linear, update_freq=1, fisher="empirical", kl_clip=None, lr=0.1,
+                   weight_decay=0.0)
+    w = linear[0].weight
+    before = w.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(linear(x), y).backward()
+    grad = torch.cat([w.grad, linear[0].bias.grad.unsqueeze(1)], dim=1)  # both uses summed
+    opt.step()
+    block = opt.engine.blocks[0]
+    a, g = block.A_bar, block.G_bar
+    eye_a, eye_g = torch.eye(a.shape[0], dtype=a.dtype), torch.eye(g.shape[0], dtype=g.dtype)
+    fisher = torch.kron(a, g) + opt.param_groups[0]["damping"] * torch.kron(eye_a, eye_g)
+    d = torch.linalg.solve(fisher, grad.T.reshape(-1)).reshape(grad.shape[1], -1).T
+    torch.testing.assert_close(w.detach(), before - 0.1 * d[:, :-1], rtol=1e-10, atol=1e-12)

@@ -9,7 +9,10 @@ parameter-shaped vectors through the damped solves and matrix-vector products.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +29,19 @@ from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
 from .linalg import all_finite
+
+
+def _warn_shared(module_name: str) -> None:
+    """A layer whose weight an earlier Kronecker layer already holds (tied weights)."""
+    message = (f"the weight of layer {module_name!r} is shared with an earlier layer, whose "
+               "Kronecker block it keeps: its curvature comes from that layer's use only")
+    if sys.version_info >= (3, 12):  # point at the user's line that built the optimizer
+        warnings.warn(message, UserWarning, skip_file_prefixes=(_PACKAGE_DIR,))
+    else:
+        warnings.warn(message, UserWarning, stacklevel=5)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 CURVATURES = ("kron", "dense")
 
@@ -113,6 +129,9 @@ class CurvatureEngine:
                 if not kronecker_supported(m) or id(m) in functional:
                     continue
                 own = [m.weight] + ([m.bias] if m.bias is not None else [])
+                if id(m.weight) in covered:
+                    _warn_shared(mname)  # its bias, if not shared too, gets a diagonal block
+                    continue
                 if all(id(p) in index for p in own):
                     self.blocks.append(KroneckerBlock(m, mname, bias=bias, rank=rank))
                     if m.bias is not None and bias == "separate":
