@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from .idx import (
-    ALIASES,
     DATASETS,
     ChecksumError,
     DatasetNotFoundError,
     candidate_dirs,
+    canonical_name,
     clear_cache,
     find_dataset_dir,
     load_idx_dataset,
@@ -49,14 +49,6 @@ __all__ = [
 
 #: Names accepted by :func:`load_dataset` (the IDX data sets plus the synthetic ones).
 DATASET_NAMES: tuple[str, ...] = (*DATASETS, "regression", "sincos")
-
-
-def _canonical_name(name: str) -> str:
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in DATASET_NAMES:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    return key
 
 
 @dataclass(frozen=True)
@@ -177,7 +169,7 @@ def load_dataset(
         DatasetNotFoundError: no searched directory holds the files (message lists them).
         ChecksumError: a file is truncated or corrupted (message names it).
     """
-    key = _canonical_name(name)
+    key = canonical_name(name, DATASET_NAMES)
     if key in ("regression", "sincos"):
         data = regression_data() if key == "regression" else sincos_regression()
         source = None

@@ -35,7 +35,7 @@ import os
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ __all__ = [
     "ChecksumError",
     "DatasetNotFoundError",
     "candidate_dirs",
+    "canonical_name",
     "clear_cache",
     "find_dataset_dir",
     "load_idx_dataset",
@@ -143,11 +144,13 @@ class ChecksumError(ValueError):
 # ----------------------------------------------------------------------------- locating
 
 
-def _idx_name(name: str) -> str:
+def canonical_name(name: str, accepted: Iterable[str] = DATASETS) -> str:
+    """``name`` lower-cased, with :data:`ALIASES` resolved; a :class:`ValueError` naming
+    the choices unless it is one of ``accepted`` (default: the IDX data sets)."""
     key = name.strip().lower()
     key = ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown IDX data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if key not in accepted:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(accepted)}")
     return key
 
 
@@ -158,7 +161,7 @@ def _repo_root() -> Path:
 
 def candidate_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Directories searched for data set ``name``, in look-up order (duplicates removed)."""
-    name = _idx_name(name)
+    name = canonical_name(name)
     dirs: list[Path] = []
     if data_dir is not None:
         dirs += [Path(data_dir), Path(data_dir) / name]
@@ -339,7 +342,7 @@ def load_idx_dataset(name: str, directory: Path) -> tuple[torch.Tensor, ...]:
     Returns ``(x_train, y_train, x_test, y_test)`` with images float32 ``(N, 1, 28, 28)``
     in ``[0, 1]`` and int64 labels.
     """
-    name = _idx_name(name)
+    name = canonical_name(name)
     directory = Path(os.path.abspath(directory))
     key = (name, directory)
     if key in _CACHE:
