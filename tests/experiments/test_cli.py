@@ -307,3 +307,51 @@ def test_sigterm_stops_a_background_sweep_like_ctrl_c(tmp_path, mnist_dir):
     for r in runs:
         assert 1 <= _metrics_rows(r / "metrics.csv") < 200
         assert (r / "checkpoint.pt").is_file()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = path.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(path.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_of_a_sweep_killed_outright_stop_with_their_checkpoints(tmp_path, mnist_dir):
+    """SIGKILL (or the OOM killer) on the sweep leaves its pool workers re-parented: each
+    stops at its next step with its checkpoint saved instead of training on, orphaned."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "kldwrm", "reproduce", "--solvers", "kfac", "so",
+           "--seeds", "0", "--epochs", "200", "--subset", "1024", "--workers", "2",
+           "--threads", "1", "--no-progress", "--data-dir", str(mnist_dir), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = [out / "mnist" / s / "seed0" for s in ("kfac", "so")]
+    deadline = time.monotonic() + 120
+    while min(_metrics_rows(r / "metrics.csv") for r in runs) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert workers
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, "orphaned workers still running"
+        time.sleep(0.2)
+    for r in runs:
+        assert 1 <= _metrics_rows(r / "metrics.csv") < 200
+        assert (r / "checkpoint.pt").is_file()

@@ -167,7 +167,19 @@ def _worker_init(events: Any, stop: Any, threads: int) -> None:
     """Process-pool initializer: the parent handles Ctrl-C and tells workers via ``stop``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    _WORKER.update(events=events, stop=stop)
+    _WORKER.update(events=events, stop=stop, parent=os.getppid())
+
+
+def _orphaned() -> bool:
+    """Whether this pool worker's parent (the sweep) has died: a worker outlives a parent
+    killed outright (SIGKILL, OOM) and is re-parented, so its parent id changes."""
+    parent = _WORKER.get("parent")
+    return parent is not None and os.getppid() != parent
+
+
+def _should_stop(stop: Any) -> bool:
+    """Stop at this step boundary (checkpoint saved): asked to, or nobody is left to ask."""
+    return (stop is not None and stop.is_set()) or _orphaned()
 
 
 class _EventCallback(TrainCallback):
@@ -208,7 +220,7 @@ class _EventCallback(TrainCallback):
                     "acc": acc,
                 }
             )
-        if self.stop is not None and self.stop.is_set():
+        if _should_stop(self.stop):
             raise KeyboardInterrupt
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
@@ -245,14 +257,22 @@ def _final(out_dir: Path) -> dict[str, float] | None:
     return rows[-1] if rows else None
 
 
+def _failed(spec: RunSpec, exc: Exception) -> RunResult:
+    return RunResult(spec.solver, spec.seed, spec.out_dir, "failed",
+                     error=f"{type(exc).__name__}: {exc}")
+
+
 def _worker_run(spec: RunSpec) -> RunResult:
     events, stop = _WORKER["events"], _WORKER["stop"]
+    if _orphaned():  # a run queued before the parent died: leave it for the resumed sweep
+        os._exit(1)
     try:
-        return _execute(spec, events.put, stop)
+        result = _execute(spec, events.put, stop)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, the sweep goes on
-        return RunResult(
-            spec.solver, spec.seed, spec.out_dir, "failed", error=f"{type(exc).__name__}: {exc}"
-        )
+        result = _failed(spec, exc)
+    if _orphaned():  # the run stopped with its checkpoint saved; nobody to report to
+        os._exit(1)
+    return result
 
 
 def run_sweep(
@@ -267,81 +287,76 @@ def run_sweep(
     With one worker the runs execute in this process (``threads`` applied for the duration
     of the sweep); otherwise in a ``spawn`` process pool. ``progress`` receives event
     dicts (``kind``: skip, start, epoch_start, step, epoch_end, notice, done, failed).
+    Ctrl-C (or SIGTERM through the CLI) stops every run at a step boundary with its
+    checkpoint saved; so does a parent killed outright, for the pool's workers.
     """
     emit = progress or (lambda event: None)
     workers, threads = split_cpus(len(specs), workers, threads)
-    results: list[RunResult] = []
     if not specs:
         return SweepResult([], False)
     if workers == 1:
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for spec in specs:
-                try:
-                    res = _execute(spec, emit, None)
-                except Exception as exc:  # noqa: BLE001
-                    res = RunResult(
-                        spec.solver,
-                        spec.seed,
-                        spec.out_dir,
-                        "failed",
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
-                    emit(
-                        {
-                            "solver": spec.solver,
-                            "seed": spec.seed,
-                            "kind": "failed",
-                            "error": res.error,
-                        }
-                    )
-                results.append(res)
-                if res.status == "interrupted":
-                    return SweepResult(results, True)
-        finally:
-            torch.set_num_threads(old_threads)
-        return SweepResult(results, False)
+        return _run_inline(specs, threads, emit)
+    results, interrupted = _run_pool(specs, workers, threads, emit)
+    interrupted = interrupted or any(r.status == "interrupted" for r in results)
+    order = {(s.solver, s.seed): i for i, s in enumerate(specs)}
+    results.sort(key=lambda r: order.get((r.solver, r.seed), math.inf))
+    return SweepResult(results, interrupted)
 
+
+def _failed_event(res: RunResult) -> Event:
+    return {"solver": res.solver, "seed": res.seed, "kind": "failed", "error": res.error}
+
+
+def _run_inline(specs: Sequence[RunSpec], threads: int, emit: ProgressFn) -> SweepResult:
+    """The runs one after the other in this process."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    results: list[RunResult] = []
+    try:
+        for spec in specs:
+            try:
+                res = _execute(spec, emit, None)
+            except Exception as exc:  # noqa: BLE001 - reported, the sweep goes on
+                res = _failed(spec, exc)
+                emit(_failed_event(res))
+            results.append(res)
+            if res.status == "interrupted":
+                return SweepResult(results, True)
+    finally:
+        torch.set_num_threads(old_threads)
+    return SweepResult(results, False)
+
+
+def _run_pool(
+    specs: Sequence[RunSpec], workers: int, threads: int, emit: ProgressFn
+) -> tuple[list[RunResult], bool]:
+    """The runs in a ``spawn`` pool; the workers' events are relayed to ``emit`` from here.
+    Returns the results and whether Ctrl-C stopped the sweep."""
     ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    stop = ctx.Event()
+    events, stop = ctx.Queue(), ctx.Event()
+    results: list[RunResult] = []
     interrupted = False
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(events, stop, threads),
-    ) as pool:
+
+    def drain(timeout: float) -> None:
+        try:
+            emit(events.get(timeout=timeout))
+            while True:
+                emit(events.get_nowait())
+        except queue_mod.Empty:
+            pass
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(events, stop, threads)) as pool:
         # most expensive first (QE's inner loop), so the pool does not end on one long run
         by_cost = sorted(specs, key=lambda s: -_RELATIVE_COST.get(s.solver, 1.0))
         pending: set[Future[RunResult]] = {pool.submit(_worker_run, s) for s in by_cost}
-
-        def drain(timeout: float) -> None:
-            try:
-                emit(events.get(timeout=timeout))
-                while True:
-                    emit(events.get_nowait())
-            except queue_mod.Empty:
-                pass
-
         while pending:
             try:
                 drain(0.2)
                 done, pending = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    if fut.cancelled():
-                        continue
-                    res = fut.result()
+                for res in (f.result() for f in done if not f.cancelled()):
                     if res.status == "failed":
-                        emit(
-                            {
-                                "solver": res.solver,
-                                "seed": res.seed,
-                                "kind": "failed",
-                                "error": res.error,
-                            }
-                        )
+                        emit(_failed_event(res))
                     results.append(res)
             except KeyboardInterrupt:
                 interrupted = True
@@ -349,10 +364,7 @@ def run_sweep(
                 for fut in pending:
                     fut.cancel()
         drain(0.1)
-    interrupted = interrupted or any(r.status == "interrupted" for r in results)
-    order = {(s.solver, s.seed): i for i, s in enumerate(specs)}
-    results.sort(key=lambda r: order.get((r.solver, r.seed), math.inf))
-    return SweepResult(results, interrupted)
+    return results, interrupted
 
 
 def reproduce(options: ReproduceOptions, progress: ProgressFn | None = None) -> SweepResult:
