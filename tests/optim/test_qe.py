@@ -323,19 +323,26 @@ def test_inner_steps_zero_is_q():
         assert torch.equal(a, b)
 
 
-def test_only_grad_enabled_forwards_since_zero_grad_are_the_batch():
+def test_the_batch_is_the_backpropagated_grad_enabled_forwards():
     torch.manual_seed(0)
     model = small_cnn()
+    twin = copy.deepcopy(model)
     opt = QEKLDWRM(model, **QE_KW, window=1, inner_steps=2)
-    x, y = image_batches(1)[0]
-    model(torch.randn(5, 1, 8, 8))  # e.g. an evaluation pass before zero_grad: forgotten
+    ref = QEKLDWRM(twin, **QE_KW, window=1, inner_steps=2)
+    (x0, y0), (x, y) = image_batches(2)
+    train_step(model, opt, x0, y0)  # a refresh step, then one with the curvature kept
+    train_step(twin, ref, x0, y0)
+    model(torch.randn(5, 1, 8, 8))  # e.g. an evaluation pass with grad enabled: never used
     opt.zero_grad()
     with torch.no_grad():
         model(torch.randn(7, 1, 8, 8))  # not recorded
     F.cross_entropy(model(x), y).backward()
-    assert len(opt._calls) == 1 and opt._calls[0][0][0].shape[0] == 32
+    assert [(c.args[0].shape[0], c.backpropagated) for c in opt._calls] == [(5, False), (32, True)]
     opt.step()
     assert opt._calls == []
+    train_step(twin, ref, x, y)  # the same batch, nothing else
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
     # no recorded forward pass: a clear error instead of a silent Q step
     F.cross_entropy(model(x), y).backward()
     opt._calls = []

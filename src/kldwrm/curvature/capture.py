@@ -135,6 +135,9 @@ class Capture:
         self.likelihood = likelihood
         self.generator = generator
         self.record_root = record_root
+        #: set while the "mc" labels' own backward runs inside the forward pass, so that
+        #: gradient hooks can tell it from the user's backward
+        self.in_sampled_backward = False
         self.output = output
         self._handles: list = []
         self.armed = False
@@ -183,6 +186,8 @@ class Capture:
         self.output_shapes: list[tuple[int, ...]] = []
         self.masks: list[Tensor | None] = []
         self._rank_generator: torch.Generator | None = None
+        #: calls whose output the user's backward has reached
+        self.backpropagated: set[int] = set()
         self.root_inputs: list[Tensor] = []
         self.root_outputs: list[Tensor] = []
         #: per call: the gradient of the user's loss w.r.t. the output (empirical Fisher)
@@ -297,10 +302,17 @@ class Capture:
             self.root_outputs.append(output.detach())
         if self.fisher == "empirical" and output.requires_grad:
             output.register_hook(lambda g, c=call: self._count_examples(c, g))
-        if self.fisher != "mc" or not output.requires_grad:
-            self._outputs.clear()
-            return
-        self._sampled_backward(output, call)
+        if self.fisher == "mc" and output.requires_grad:
+            self._sampled_backward(output, call)
+        self._outputs.clear()
+        if output.requires_grad:  # after the sampled backward, so only the user's counts
+            output.register_hook(lambda g, c=call: self.backpropagated.add(c))
+
+    def abandoned(self) -> bool:
+        """Whether this step's statistics all belong to batches already backpropagated:
+        at ``zero_grad()`` their gradients are discarded, so they must go too. A forward
+        pass run before ``zero_grad()`` and backpropagated after it is not abandoned."""
+        return bool(self.examples) and self.backpropagated >= set(range(len(self.examples)))
 
     def _count_examples(self, call: int, grad: Tensor) -> None:
         """Empirical Fisher, first hook of the backward: the positions with a nonzero loss
@@ -325,7 +337,11 @@ class Capture:
         if not targets:
             return
         loss, _ = sample_output_grads(output, self.likelihood, self.sampling_generator())
-        grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+        self.in_sampled_backward = True
+        try:
+            grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+        finally:
+            self.in_sampled_backward = False
         for m, g in zip(mods, grads[: len(mods)], strict=True):
             if g is not None:
                 self.deltas.setdefault(m, []).append(g.detach())

@@ -302,14 +302,28 @@ class CurvatureOptimizer(Optimizer):
                 stacklevel=4,
             )
 
-    def _skip(self) -> None:
-        """Leave parameters and state untouched; only the skip counter moves."""
-        self.skipped_steps += 1
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients, and forget the curvature statistics of batches whose backward
+        has already run: a batch abandoned without ``step()`` (a ``GradScaler`` that found
+        inf, a loop that discards a batch) leaves no trace, its sampled labels included. A
+        forward pass run before ``zero_grad()`` and backpropagated after it
+        (``loss = ...; opt.zero_grad(); loss.backward(); opt.step()``) still counts."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self.engine.capture.abandoned():
+            self._forget_captured()
+
+    def _forget_captured(self) -> None:
+        """Drop this step's captured statistics and undo the labels sampled for them."""
         cap = self.engine.capture
-        if cap.gen_snapshot is not None:  # undo the labels sampled for this bad batch
+        if cap.gen_snapshot is not None:
             self.generator.set_state(cap.gen_snapshot)
             cap.gen_snapshot = None
         cap.clear()
+
+    def _skip(self) -> None:
+        """Leave parameters and state untouched; only the skip counter moves."""
+        self.skipped_steps += 1
+        self._forget_captured()
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(

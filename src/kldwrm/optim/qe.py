@@ -12,6 +12,7 @@ import math
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +25,15 @@ from ..distributed import all_reduce_mean_
 from ..divergence import categorical_skl_of_log_probs, gaussian_skl_per_row
 from .q import QKLDWRM
 
-#: one captured forward call of the user's model: (positional args, keyword args)
-_Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+@dataclass
+class _Call:
+    """One recorded forward call of the user's model, and whether the user's backward has
+    reached its output yet."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    backpropagated: bool = False
 
 
 def _detach(x: Any) -> Any:
@@ -131,8 +139,10 @@ class QEKLDWRM(QKLDWRM):
     does not follow an lr scheduler.
 
     The current batch is recorded by a forward pre-hook on the model: every forward pass run
-    with gradients enabled since the last :meth:`zero_grad` (or :meth:`step`) contributes,
-    weighted by its batch size, so the ordinary training loop is unchanged. The stored
+    with gradients enabled since the last :meth:`step` and backpropagated contributes,
+    weighted by its batch size, so the ordinary training loop is unchanged (a grad-enabled
+    evaluation pass is left out, and a batch whose backward had already run when
+    :meth:`zero_grad` was called is dropped with its gradient). The stored
     iterates' outputs on that batch are computed once per step, with gradients off (one
     ``vmap`` over the stacked window on a GPU, one forward per iterate on a CPU, where
     that is faster); each inner step then costs one forward and one
@@ -195,6 +205,7 @@ class QEKLDWRM(QKLDWRM):
         #: iterates pushed into the window so far (the ring buffer's write position)
         self.iterates_stored = 0
         self._calls: list[_Call] = []
+        self._watching: _Call | None = None  # the call recorded by the running forward
         self._internal = False
         # one vmap over the stacked window on a GPU; on a CPU one forward per stored iterate
         # (the paper CNN, 4 iterates, batch 512: 63 ms in a loop against 114 ms vmapped)
@@ -206,28 +217,59 @@ class QEKLDWRM(QKLDWRM):
             if opt is not None:
                 opt._record(args, kwargs)
 
+        def watch(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._watch(output)
+
         self._input_hook = net.register_forward_pre_hook(record, with_kwargs=True)
+        self._output_hook = net.register_forward_hook(watch)
 
     # -- the current batch ---------------------------------------------------------------
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._internal or not torch.is_grad_enabled() or _inside_functorch_transform():
             return
-        self._calls.append(
-            (tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
-        )
+        call = _Call(tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+        self._calls.append(call)
+        self._watching = call
+
+    def _watch(self, output: Any) -> None:
+        """Mark the recorded call as backpropagated once the user's backward reaches it."""
+        call, self._watching = self._watching, None
+        if call is None:
+            return
+        try:
+            out = select_output(output, self.output)
+        except (KeyError, IndexError, AttributeError, TypeError):
+            return  # step() reports a bad selector
+        if isinstance(out, Tensor) and out.requires_grad:
+            cap = self.engine.capture
+
+            def reached(grad: Tensor, c: _Call = call) -> None:
+                if not cap.in_sampled_backward:  # the user's backward, not the "mc" labels'
+                    c.backpropagated = True
+
+            out.register_hook(reached)
+
+    def _forget_calls(self) -> None:
+        self._calls = []
+        self._watching = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and forget the forward passes recorded since the last step."""
+        """Zero the gradients and forget the batches recorded since the last step whose
+        backward has run (their gradients are gone); a forward pass run before
+        ``zero_grad()`` and backpropagated after it still counts."""
         super().zero_grad(set_to_none=set_to_none)
-        self._calls = []
+        self._calls = [c for c in self._calls if not c.backpropagated]
 
     def _skip(self) -> None:
         super()._skip()
-        self._calls = []
+        self._forget_calls()
 
     def remove_hooks(self) -> None:
-        """Detach the input-recording hook from the model (the optimizer is then unusable)."""
+        """Detach the recording hooks from the model (the optimizer is then unusable)."""
         self._input_hook.remove()
+        self._output_hook.remove()
 
     # -- the window ----------------------------------------------------------------------
     def _push_iterate(self) -> None:
@@ -262,7 +304,10 @@ class QEKLDWRM(QKLDWRM):
     # -- the step ------------------------------------------------------------------------
     def _compute_step(self, g: list[Tensor], refresh: bool) -> list[Tensor]:
         steps = super()._compute_step(g, refresh)  # the Q step, KL and block clips included
-        calls, self._calls = self._calls, []
+        # the batches whose gradient this step takes: backpropagated since the last step and
+        # not dropped by zero_grad() (a grad-enabled evaluation pass never is)
+        calls = [c for c in self._calls if c.backpropagated] or self._calls
+        self._forget_calls()
         self._push_iterate()
         if self.iterates_stored < self.window or self.inner_steps == 0:
             return steps
@@ -369,8 +414,8 @@ class QEKLDWRM(QKLDWRM):
         return rest
 
     def _forward(self, pdict: dict[str, Tensor], rest: dict[str, Tensor], call: _Call) -> Tensor:
-        out = select_output(functional_call(self.engine.model, (pdict, rest), call[0], call[1]),
-                            self.output)
+        out = functional_call(self.engine.model, (pdict, rest), call.args, call.kwargs)
+        out = select_output(out, self.output)
         if not isinstance(out, Tensor):
             raise TypeError(
                 "QEKLDWRM needs the logits (or means) as a tensor: the model returned "
@@ -443,4 +488,4 @@ class QEKLDWRM(QKLDWRM):
                 f"built with window={self.window}"
             )
         self.iterates_stored = int(state.get("iterates_stored", 0))
-        self._calls = []
+        self._forget_calls()
