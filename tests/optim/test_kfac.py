@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kldwrm import KFAC, QKLDWRM, SOKLDWRM, NonFiniteGradientWarning
+from kldwrm import KFAC, QKLDWRM, SOKLDWRM, NonFiniteGradientWarning, make_optimizer
 from kldwrm.experiments.models import paper_cnn
 
 from ..conftest import train_epoch
@@ -246,6 +246,15 @@ def test_several_parameter_groups_use_their_own_lr():
                                       strict=True)):
         scale = 1.0 if i < 2 else 0.125
         torch.testing.assert_close(p - b, scale * (q - b), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("solver", ["kfac", "qe"])
+def test_a_group_added_after_construction_is_refused_not_ignored(solver):
+    model = _mlp()
+    opt = make_optimizer(solver, model, params=list(model[0].parameters()))
+    with pytest.raises(NotImplementedError, match="params="):
+        opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.1})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.slow

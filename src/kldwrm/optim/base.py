@@ -206,6 +206,19 @@ class CurvatureOptimizer(Optimizer):
         self._narrow = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params)
         self.engine.arm(True)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only while the optimizer is built: the curvature blocks are laid out over the
+        tensors given then, so a group added later would never be updated. To train more
+        tensors (e.g. layers unfrozen during fine-tuning), build a new optimizer with
+        ``params=`` (its ``load_state_dict`` refuses a mismatched state)."""
+        if hasattr(self, "engine"):
+            raise NotImplementedError(
+                f"{type(self).__name__}.add_param_group() after construction is not "
+                "supported: the curvature blocks are built over the parameters given to the "
+                "constructor; build a new optimizer with params=[...] (groups allowed) instead"
+            )
+        super().add_param_group(param_group)
+
     # -- the step ----------------------------------------------------------------------
     @property
     def is_refresh_step(self) -> bool:
