@@ -104,7 +104,7 @@ def _ratio(r: float) -> str:
 
 
 def _mean_sd(row: dict[str, str] | None, key: str, digits: int) -> str:
-    if row is None:
+    if row is None or int(row["runs"]) == 0:
         return "—"
     mean, sd = float(row[f"{key}_mean"]), float(row[f"{key}_sd"])
     if row["source"] != "this run":  # the paper's values, as printed
