@@ -9,10 +9,8 @@ parameter-shaped vectors through the damped solves and matrix-vector products.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -33,15 +31,12 @@ from .linalg import all_finite
 
 def _warn_shared(module_name: str) -> None:
     """A layer whose weight an earlier Kronecker layer already holds (tied weights)."""
-    message = (f"the weight of layer {module_name!r} is shared with an earlier layer, whose "
-               "Kronecker block it keeps: its curvature comes from that layer's use only")
-    if sys.version_info >= (3, 12):  # point at the user's line that built the optimizer
-        warnings.warn(message, UserWarning, skip_file_prefixes=(_PACKAGE_DIR,))
-    else:
-        warnings.warn(message, UserWarning, stacklevel=5)
-
-
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+    warnings.warn(
+        f"the weight of layer {module_name!r} is shared with an earlier layer, whose "
+        "Kronecker block it keeps: its curvature comes from that layer's use only",
+        UserWarning,
+        stacklevel=4,
+    )
 
 CURVATURES = ("kron", "dense")
 
