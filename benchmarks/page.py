@@ -340,16 +340,38 @@ def _rank_text(rows: Sequence[dict]) -> str:
     return _with_columns(rank_tradeoff.format_rows(rows), rows)
 
 
-def _gpu_text(runs: Sequence[dict]) -> str:
+def _gpu_text(runs: Sequence[dict], st_rows: Sequence[dict]) -> str:
     gpu = [i for i, r in enumerate(runs) if r["info"].get("device", "cpu").startswith("cuda")]
-    if gpu:
-        return f"GPU runs: {', '.join(map(str, gpu))} (rows whose workload says `(cuda)`)."
-    return ("No GPU figures: no GPU was available to the sessions that ran this suite. The "
-            "suite supports `--device cuda` (peak memory then is "
-            "`torch.cuda.max_memory_allocated`); `bash benchmarks/gpu_check.sh` runs the CUDA "
-            "tests and the main step-time cells on a GPU machine in under 5 minutes, and "
-            "`python -m benchmarks.run --merge gpu_check/benchmarks.json` adds its figures "
-            "here.")
+    if not gpu:
+        return ("No GPU figures: no GPU was available to the sessions that ran this suite. The "
+                "suite supports `--device cuda` (peak memory then is "
+                "`torch.cuda.max_memory_allocated`); `bash benchmarks/gpu_check.sh` runs the "
+                "CUDA tests and the main step-time cells on a GPU machine in under 5 minutes, "
+                "and `python -m benchmarks.run --merge gpu_check/benchmarks.json` adds its "
+                "figures here.")
+    lines = [f"GPU runs: {', '.join(map(str, gpu))} (rows whose workload says `(cuda)`). "
+             "Mean step time of each method as a multiple of SGD's in the same run "
+             "(curvature refreshes included):", ""]
+    for i in gpu:
+        info = runs[i]["info"]
+        lines.append(f"- run {i}, {info.get('GPU', 'GPU not recorded')}, torch "
+                     f"{info.get('torch', '?')}:")
+        lines += [f"  - {cell}" for cell in _gpu_cells(i, st_rows)] or ["  - no step-time rows"]
+    return "\n".join(lines)
+
+
+def _gpu_cells(run: int, st_rows: Sequence[dict]) -> list[str]:
+    """One line per (workload, N_u) of a GPU run: SGD's step in ms, the others as ratios."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in st_rows:
+        if r["run"] == run and str(r.get("device", "cpu")).startswith("cuda"):
+            cells.setdefault((r["workload"], r["update_freq"]), []).append(r)
+    out = []
+    for (workload, nu), rows in cells.items():
+        parts = [f"{r['method']} {1000 * r['mean']:.2f} ms" if r["method"] == "sgd"
+                 else f"{r['method']} {r['ratio_mean']:.2f}x" for r in rows]
+        out.append(f"{workload}, N_u {nu}: " + ", ".join(parts))
+    return out
 
 
 def render(store: dict, out: Path) -> None:
@@ -374,7 +396,7 @@ def render(store: dict, out: Path) -> None:
         refresh=_table(rf_rows, refresh.format_rows(rf_rows), "refresh"),
         memory=_table(mem_rows, memory.format_rows(mem_rows), "memory"),
         accuracy=_accuracy_text(stages.get("accuracy")),
-        issue2=_issue2_text(issue2), gpu=_gpu_text(store["runs"]),
+        issue2=_issue2_text(issue2), gpu=_gpu_text(store["runs"], st_rows),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc)

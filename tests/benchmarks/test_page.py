@@ -54,3 +54,19 @@ def test_an_empty_store_renders_every_figure_as_not_measured(tmp_path):
     for stage in ("step_time", "refresh", "memory", "kfac_vs_sgd"):
         assert f"run `python -m benchmarks.run --stages {stage}`" in text
     assert "No GPU figures" in text and "_none yet_" in text
+
+
+def test_the_gpu_section_lists_each_gpu_run_as_ratios_to_its_own_sgd():
+    from benchmarks.page import _gpu_text
+
+    runs = [{"info": {"device": "cpu"}},
+            {"info": {"device": "cuda", "GPU": "Some GPU", "torch": "9.9"}}]
+    row = {"workload": "cnn", "update_freq": 30, "ratio_mean": 1.0}
+    rows = [{**row, "method": "sgd", "mean": 0.004, "run": 0, "device": "cpu"},
+            {**row, "method": "sgd", "mean": 0.002, "run": 1, "device": "cuda"},
+            {**row, "method": "kfac", "mean": 0.005, "ratio_mean": 2.5, "run": 1,
+             "device": "cuda"}]
+    text = _gpu_text(runs, rows)
+    assert text.startswith("GPU runs: 1 ")
+    assert "- run 1, Some GPU, torch 9.9:\n  - cnn, N_u 30: sgd 2.00 ms, kfac 2.50x" in text
+    assert "4.00 ms" not in text  # the CPU run's row is not a GPU figure
