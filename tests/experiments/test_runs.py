@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -26,6 +27,7 @@ from kldwrm.experiments.runs import (
     summarize,
     time_to,
     time_to_98,
+    timing_device,
 )
 
 from . import regression_fixture as reg
@@ -90,6 +92,41 @@ def test_time_to_98_by_hand(runs_root):
     assert kfac.mean_step_ms == pytest.approx((9 * 10.0 + 2 * 20.0) / 11)
     assert (qe.reached, qe.runs, qe.median_epochs, qe.median_seconds) == (1, 2, 2, 50.0)
     assert qe.mean_step_ms == pytest.approx(40.0)
+
+
+def _ran_on(runs_root, solver, seed, **saved):
+    (runs_root / "mnist" / solver / seed / "config.json").write_text(json.dumps(saved))
+
+
+def test_seconds_of_runs_on_other_hardware_are_left_out_but_their_epochs_count(runs_root):
+    _ran_on(runs_root, "kfac", "seed0", device="cuda")  # an old record: no history
+    _ran_on(runs_root, "kfac", "seed2", device="cpu", devices=["cuda", "cpu"])  # resumed
+    _ran_on(runs_root, "kfac", "seed1", device="cpu", devices=["cpu"])
+    kfac, qe = time_to_98(collect_runs(runs_root)["mnist"])
+    # reached 98%: seed0 epoch 2, seed1 epoch 3 (31 s), seed2 epoch 1; only seed1 and the
+    # incomplete seed3 (no config: the default device, the CPU) are timed
+    assert (kfac.reached, kfac.runs, kfac.median_epochs, kfac.timed) == (3, 4, 2, 2)
+    assert kfac.median_seconds == 31.0
+    assert kfac.mean_step_ms == pytest.approx((3 * 10.0 + 2 * 20.0) / 5)
+    assert (qe.timed, qe.median_seconds) == (2, 50.0)
+    runs = collect_runs(runs_root)["mnist"]["kfac"]
+    assert all(math.isnan(r["wall_time_s"]) for r in runs["seed0"] + runs["seed2"])
+    assert runs["seed0"][1]["test_acc"] == 0.98  # the rest of the row is kept
+
+
+def test_the_timing_device_is_the_cpu_where_any_run_stayed_there(runs_root):
+    assert timing_device([("cuda",), ("cpu",), ("cuda",)]) == "cpu"
+    assert timing_device([("cuda",), ("cuda", "cpu"), ("mps",), ("cuda",)]) == "cuda"
+    assert timing_device([("cuda", "cpu")]) is None
+    for seed in ("seed0", "seed1", "seed2", "seed3"):
+        _ran_on(runs_root, "kfac", seed, device="cuda:0")
+    for seed in ("seed0", "seed1"):
+        _ran_on(runs_root, "qe", seed, device="cuda", devices=["cuda"])
+    kfac, qe = time_to_98(collect_runs(runs_root)["mnist"])  # a study wholly on a GPU
+    assert (kfac.timed, kfac.median_seconds, qe.timed) == (4, 20.0, 2)
+    kfac, qe = time_to_98(collect_runs(runs_root, timed_on="cpu")["mnist"])
+    assert (kfac.timed, qe.timed) == (0, 0) and math.isnan(kfac.median_seconds)
+    assert kfac.reached == 3 and math.isnan(kfac.mean_step_ms)
 
 
 def test_figure_curves_mean_and_band(runs_root):

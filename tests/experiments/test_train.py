@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -156,6 +157,25 @@ def test_resume_after_epoch_1_is_bit_exact(tmp_path, small, uninterrupted):
     a = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(uninterrupted.out_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_records_the_devices_it_trained_on_across_a_resume(tmp_path, small):
+    first = train(_config(1), tmp_path, data=small)
+    assert json.loads((tmp_path / "config.json").read_text())["devices"] == ["cpu"]
+    # as if epoch 1 had run on a GPU before the history was kept: the resume on the CPU
+    # adds the CPU after it (the device is a setting a resume may change)
+    path = first.out_dir / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["devices"] == ["cpu"]
+    del state["devices"]
+    state["config"]["device"] = "cuda:0"
+    torch.save(state, path)
+    (tmp_path / "checkpoint.prev.pt").unlink(missing_ok=True)
+    train(_config(2), tmp_path, data=small, resume=True)
+    assert json.loads((tmp_path / "config.json").read_text())["devices"] == ["cuda", "cpu"]
+    assert torch.load(path, weights_only=True)["devices"] == ["cuda", "cpu"]
+    train(_config(3), tmp_path, data=small, resume=True)  # same device: nothing to add
+    assert torch.load(path, weights_only=True)["devices"] == ["cuda", "cpu"]
 
 
 class _StopAt(TrainCallback):

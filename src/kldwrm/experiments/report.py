@@ -127,7 +127,7 @@ TABLE_HEAD = ("Runs", *(h for _, h in COUNT_COLUMNS), "μ acc (%)", "σ acc (%)"
               "σ loss")
 TIME_HEAD = _time_head("98%")
 TIME_COLUMNS = ("view", "solver", "reached", "runs", "median_epochs", "median_seconds",
-                "mean_step_ms")
+                "mean_step_ms", "timed")
 TIME_NOTE = ("Mean step (ms): measured in runs sharing the CPU; not a speed benchmark, "
              "see docs/benchmarks.md.")
 
@@ -291,8 +291,19 @@ def _time_section(
     times = time_to(solvers, target, view)
     short, long, _ = labels
     lines = ["", f"Time to {long} (median over the seeds that reached it):", "",
-             _time_markdown(times, short), "", TIME_NOTE]
+             _time_markdown(times, short), "", TIME_NOTE + _untimed_note(times)]
     return lines, _time_rows(view, times)
+
+
+def _untimed_note(times: Sequence[TimeTo98]) -> str:
+    """Which solvers' seconds and step times leave runs out (trained on other hardware)."""
+    parts = [f"{display_name(t.solver)} {t.timed} of {t.runs}" for t in times
+             if t.timed < t.runs]
+    if not parts:
+        return ""
+    return (" Seconds and step times are over the runs that trained wholly on one device "
+            f"type, the CPU where any run did ({', '.join(parts)}); the others trained "
+            "elsewhere in whole or in part and count for epochs only.")
 
 
 # --------------------------------------------------------------------------- report

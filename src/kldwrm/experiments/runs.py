@@ -21,8 +21,10 @@ solver is the name of the directory above ``seed<k>``, the data set the one abov
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DATASET_NAMES, DATASETS, load_dataset
+from .status import CONFIG_NAME, device_history
 from .train import METRICS_NAME, read_metrics
 
 __all__ = [
@@ -146,10 +149,20 @@ def solver_key(name: str) -> tuple[int, str]:
     return (_ORDER.index(name) if name in _ORDER else len(_ORDER), name)
 
 
-def collect_runs(root: str | os.PathLike[str]) -> dict[str, dict[str, Runs]]:
-    """``{dataset: {solver: {seed_dir_name: rows}}}`` for every metrics file under ``root``."""
+def collect_runs(
+    root: str | os.PathLike[str], timed_on: str | None = None
+) -> dict[str, dict[str, Runs]]:
+    """``{dataset: {solver: {seed_dir_name: rows}}}`` for every metrics file under ``root``.
+
+    Seconds are comparable only between runs on the same hardware, so the timing columns
+    (:data:`TIMING_KEYS`) of a run that did not train wholly on the device type ``timed_on``
+    (its ``config.json``'s device history, :func:`~.status.device_history`) read NaN: its
+    epochs count, its seconds do not. ``timed_on`` defaults to ``"cpu"`` when any run
+    trained wholly there, else to the device most runs trained wholly on.
+    """
     root = Path(root).resolve()
     found: dict[str, dict[str, Runs]] = {}
+    devices: dict[Path, tuple[str, ...]] = {}
     for path in sorted(root.rglob(METRICS_NAME)):
         if "report" in path.relative_to(root).parts:
             continue
@@ -159,8 +172,43 @@ def collect_runs(root: str | os.PathLike[str]) -> dict[str, dict[str, Runs]]:
         seed_dir = path.parent
         solver_dir = seed_dir.parent
         dataset = solver_dir.parent.name
+        devices[seed_dir] = run_devices(seed_dir)
         found.setdefault(dataset, {}).setdefault(solver_dir.name, {})[seed_dir.name] = rows
+    _mask_timings(found, devices, timed_on or timing_device(devices.values()))
     return {d: dict(sorted(s.items(), key=lambda kv: solver_key(kv[0]))) for d, s in found.items()}
+
+
+#: the metrics columns that measure time: comparable only between runs on the same hardware
+TIMING_KEYS = ("wall_time_s", "mean_step_ms")
+
+
+def run_devices(seed_dir: Path) -> tuple[str, ...]:
+    """The device types the run in ``seed_dir`` trained on, from its ``config.json`` (the
+    configuration's default device, the CPU, when it has none)."""
+    path = seed_dir / CONFIG_NAME
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return tuple(device_history(saved))
+
+
+def timing_device(histories: Iterable[tuple[str, ...]]) -> str | None:
+    """``"cpu"`` if a run trained wholly on the CPU, else the device most runs trained wholly
+    on (``None``: no run stayed on one device)."""
+    single = Counter(h[0] for h in histories if len(h) == 1)
+    if "cpu" in single or not single:
+        return "cpu" if "cpu" in single else None
+    return single.most_common(1)[0][0]
+
+
+def _mask_timings(found: dict[str, dict[str, Runs]], devices: Mapping[Path, tuple[str, ...]],
+                  timed_on: str | None) -> None:
+    """NaN the timing columns of the runs in ``found`` that did not train wholly on
+    ``timed_on`` (in place)."""
+    for seed_dir, history in devices.items():
+        if history == (timed_on,):
+            continue
+        runs = found[seed_dir.parent.parent.name][seed_dir.parent.name]
+        runs[seed_dir.name] = [{**r, **dict.fromkeys(TIMING_KEYS, math.nan)}
+                               for r in runs[seed_dir.name]]
 
 
 # --------------------------------------------------------------------------- rows and views
@@ -345,7 +393,8 @@ def paper_summary(solver: str) -> SolverSummary | None:
 class TimeTo98:
     """Epochs and seconds until a test metric first reached a level (98% accuracy unless
     said otherwise; medians over the seeds that reached it), plus the mean time per step
-    over all epochs of all runs."""
+    over all epochs of all runs. Seconds and step times are over the ``timed`` runs only
+    (those on the report's timing device, see :func:`collect_runs`)."""
 
     solver: str
     reached: int
@@ -353,6 +402,7 @@ class TimeTo98:
     median_epochs: float
     median_seconds: float
     mean_step_ms: float
+    timed: int
 
 
 def time_to_98(
@@ -365,16 +415,21 @@ def time_to_98(
 
 def time_to(solvers: Mapping[str, Runs], level: Level, view: str = "test") -> list[TimeTo98]:
     """Per solver: how many runs reached ``level`` of a test metric (on ``view``; at the
-    first epoch where it holds), and how fast."""
+    first epoch where it holds), and how fast. Seconds and step times come from the timed
+    runs only (those with finite timing columns, see :func:`collect_runs`)."""
     out = []
     for solver, runs in solvers.items():
-        epochs, seconds, steps = [], [], []
+        epochs, seconds, steps, timed = [], [], [], 0
         for rows in runs.values():
-            steps += [float(r["mean_step_ms"]) for r in rows]
+            run_steps = [float(r["mean_step_ms"]) for r in rows]
+            run_steps = [t for t in run_steps if math.isfinite(t)]
+            timed += bool(run_steps)
+            steps += run_steps
             for r in rows:
                 if level.holds(_metric(r, view, level.metric)):
                     epochs.append(int(r["epoch"]))
-                    seconds.append(float(r["wall_time_s"]))
+                    if math.isfinite(float(r["wall_time_s"])):
+                        seconds.append(float(r["wall_time_s"]))
                     break
         out.append(
             TimeTo98(
@@ -384,6 +439,7 @@ def time_to(solvers: Mapping[str, Runs], level: Level, view: str = "test") -> li
                 median_epochs=float(np.median(epochs)) if epochs else math.nan,
                 median_seconds=float(np.median(seconds)) if seconds else math.nan,
                 mean_step_ms=float(np.mean(steps)) if steps else math.nan,
+                timed=timed,
             )
         )
     return out

@@ -5,7 +5,9 @@ A run directory is ``"missing"``, ``"partial"`` or ``"finished"``
 or, for a run archived without its checkpoint, from ``config.json`` and ``metrics.csv``.
 A checkpoint or an archived configuration written for other settings is refused
 (:func:`check_same_run`, :class:`~.config.ConfigMismatchError`); only the settings in
-:data:`RESUME_FREE` may change when a run is resumed.
+:data:`RESUME_FREE` may change when a run is resumed. The device is one of them, so a run
+records the device types it trained on (:func:`device_history`): its seconds are comparable
+only with runs on the same hardware.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "EpochSums",
     "RunState",
     "check_same_run",
+    "device_history",
     "checkpoint_status",
     "is_finished",
     "run_is_finished",
@@ -94,10 +97,29 @@ class RunState:
 # ----------------------------------------------------------------------------- on disk
 
 
-def write_config(out_dir: Path, config: TrainConfig) -> None:
-    """Write ``config.json`` (informational; an archived run is judged by it)."""
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+def write_config(
+    out_dir: Path, config: TrainConfig, devices: Sequence[str] | None = None
+) -> None:
+    """Write ``config.json`` (informational; an archived run is judged by it). ``devices``:
+    the device types the run has trained on, in order (a run resumed elsewhere has two);
+    written as ``"devices"`` beside the configuration's fields."""
+    record: dict[str, Any] = config.to_dict()
+    if devices is not None:
+        record["devices"] = list(devices)
+    text = json.dumps(record, indent=2, sort_keys=True)
     atomic_write(out_dir / CONFIG_NAME, lambda fh: fh.write(text), text=True)
+
+
+def device_history(saved: Mapping[str, Any]) -> list[str]:
+    """The device types a run has trained on, from its saved ``config.json`` record or its
+    checkpoint dict: the ``"devices"`` it lists, else the type of its configuration's
+    ``"device"`` (a run written before the history was kept); ``"auto"`` stays ``"auto"``
+    (the device it resolved to was not recorded)."""
+    if saved.get("devices"):
+        return [str(d) for d in saved["devices"]]
+    config = saved.get("config", saved)
+    device = str(config.get("device", TrainConfig().device))
+    return [device if device == "auto" else torch.device(device).type]
 
 
 def is_finished(state: Mapping[str, Any], epochs: int) -> bool:

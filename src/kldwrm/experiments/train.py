@@ -91,6 +91,7 @@ from .status import (
     RunState,
     check_same_run,
     checkpoint_status,
+    device_history,
     run_is_finished,
     write_config,
 )
@@ -152,6 +153,7 @@ class _Session:
         self.stop = StopFlags(self.world)
         self.in_step = False  # an interruption now leaves no consistent state to save
         self.saved: Path | None = None  # the checkpoint that holds the run
+        self.devices = [self.device.type]  # the device types this run has trained on
         self.t0 = time.perf_counter()
 
     # -- checkpoints
@@ -171,7 +173,7 @@ class _Session:
                 )
         if self.lead:
             write_metrics(self.out / METRICS_NAME, self.state.metrics)
-            write_config(self.out, self.config)
+            write_config(self.out, self.config, self.devices)
         self.t0 = time.perf_counter()
 
     def _restore(self, loaded: LoadedCheckpoint) -> None:
@@ -195,6 +197,8 @@ class _Session:
                 torch.cuda.set_rng_state(state["cuda_rng_ranks"][self.rank], self.device)
         self.data_gen.set_state(state["data_rng"])
         self.state = RunState.from_checkpoint(state)
+        history = device_history(state)
+        self.devices = history + [self.device.type] * (history[-1] != self.device.type)
 
     def _wall_time(self) -> float:
         return self.state.wall_before + time.perf_counter() - self.t0
@@ -239,6 +243,7 @@ class _Session:
             "running": asdict(st.sums),
             "wall_time_s": self._wall_time(),
             "world_size": self.world,
+            "devices": list(self.devices),
             **rng_ranks,
         }
 
