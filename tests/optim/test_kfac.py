@@ -144,6 +144,28 @@ def test_q_loads_a_version_1_checkpoint_with_the_wake_in_parameter_coordinates()
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def _as_saved_on_cuda(model, opt, ckpt):
+    """A CUDA generator's state (Philox: seed and offset, 16 bytes) in place of the CPU's."""
+    ckpt["kldwrm"]["generator"] = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0],
+                                               dtype=torch.uint8)
+
+
+def test_a_state_saved_on_another_device_type_resumes_with_a_derived_label_seed():
+    with pytest.warns(UserWarning, match="saved on another device type"):
+        first, ref = _interrupted_and_uninterrupted(KFAC, torch.float64, 10, _as_saved_on_cuda)
+    with pytest.warns(UserWarning, match="saved on another device type"):
+        again, _ = _interrupted_and_uninterrupted(KFAC, torch.float64, 10, _as_saved_on_cuda)
+    for p, q in zip(first.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)  # the seed comes from the saved state, not the new optimizer's
+    model = _mlp()
+    opt = KFAC(model, update_freq=3, fisher="empirical")
+    state = opt.state_dict()
+    _as_saved_on_cuda(model, opt, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no labels are drawn: nothing to warn about
+        KFAC(_mlp(), update_freq=3, fisher="empirical").load_state_dict(state)
+
+
 def _snapshot(model, opt):
     buf = io.BytesIO()
     torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)

@@ -8,6 +8,7 @@ what it remembers for the next step (:meth:`_after_step`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -450,11 +451,30 @@ class CurvatureOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         self.steps_taken = int(extra["steps_taken"])
         self.skipped_steps = int(extra["skipped_steps"])
-        self.generator.set_state(extra["generator"].cpu())
+        self._load_generator(extra["generator"])
         self.engine.load_state_dict(extra["curvature"])
         self._load_rule_state(extra.get("rule", {}))
         self.engine.arm(False)
         self.engine.arm(self.is_refresh_step)
+
+    def _load_generator(self, saved: Tensor) -> None:
+        """Restore the label generator's state. A state saved by another device type's
+        generator (a run resumed elsewhere: a CUDA generator's state is 16 bytes, a CPU one's
+        5056) cannot be restored: the stream then restarts from a seed derived from that
+        state, which is deterministic but not the stream the other device would have drawn."""
+        saved = saved.cpu()
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved)
+            return
+        digest = hashlib.sha256(saved.numpy().tobytes()).digest()
+        self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
+        if self.fisher == "mc":
+            warnings.warn(
+                f"the state_dict's label generator was saved on another device type than "
+                f"{self.generator.device.type!r}; the Monte-Carlo labels continue from a seed "
+                "derived from it, so this run is not bit-exact with one that stayed there",
+                stacklevel=3,
+            )
 
     def _rule_state(self) -> dict[str, Any]:
         """Rule state that is not per-parameter (kept in ``state_dict()['kldwrm']['rule']``)."""
