@@ -4,7 +4,8 @@ Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``:
 
 - ``status``: the archived runs. A run ``runs/<protocol>/<data set>/<solver>/seed<k>/`` is
   finished when its ``metrics.csv`` reaches the ``epochs`` of its ``config.json``;
-  otherwise it is in progress at its last epoch.
+  otherwise it is in progress at its last epoch. Seeds trained on a GPU, wholly or in part
+  (``part:``, resumed on the CPU), are listed from the config's device history.
 - ``mnist-table``, ``fashion-table``: mean ± SD at epoch 50 from the reports'
   ``<data set>_table1.csv`` (``paper-protocol/<protocol>/``), with the paper's row.
 - ``mnist-claims``, ``fashion-claims``: each KLD-WRM solver against K-FAC from the
@@ -47,6 +48,18 @@ def _last_epoch(run: Path) -> int:
     return int(float(rows[-1]["epoch"])) if rows else 0
 
 
+def _devices(config: dict) -> list[str]:
+    """The device types a run trained on (``devices`` in its config.json, else ``device``)."""
+    return config.get("devices") or [str(config.get("device", "cpu")).split(":")[0]]
+
+
+def _gpu_text(whole: list[int], part: list[int]) -> str:
+    """``3-4; part: 5`` (seeds trained wholly / partly off the CPU)."""
+    parts = ([_seed_ranges(whole)] if whole else []) + (
+        [f"part: {_seed_ranges(part)}"] if part else [])
+    return "; ".join(parts) or "—"
+
+
 def rows(root: Path) -> list[str]:
     """One Markdown row per (protocol, data set, solver)."""
     out = []
@@ -55,27 +68,31 @@ def rows(root: Path) -> list[str]:
             solvers = sorted((s for s in data.iterdir() if s.is_dir()),
                              key=lambda s: (ORDER.index(s.name) if s.name in ORDER else 99))
             for solver in solvers:
-                done, partial, epochs = [], [], set()
+                done, partial, epochs, whole, part = [], [], set(), [], []
                 for run in sorted(solver.glob("seed*"), key=lambda r: int(r.name[4:])):
                     if not (run / "metrics.csv").is_file():
                         continue
-                    target = int(json.loads((run / "config.json").read_text())["epochs"])
-                    last = _last_epoch(run)
+                    config = json.loads((run / "config.json").read_text())
+                    target, last = int(config["epochs"]), _last_epoch(run)
                     if last >= target:
                         done.append(int(run.name[4:]))
                         epochs.add(target)
                     else:
                         partial.append(f"seed {run.name[4:]} at epoch {last}")
+                    devices = _devices(config)
+                    if set(devices) != {"cpu"}:
+                        (part if "cpu" in devices else whole).append(int(run.name[4:]))
                 seeds = f"{len(done)} ({_seed_ranges(done)})" if done else "0"
                 out.append(f"| {proto.name} | {data.name} | {NAMES.get(solver.name, solver.name)} "
                            f"| {seeds} | {', '.join(map(str, sorted(epochs))) or '—'} "
-                           f"| {'; '.join(partial) or '—'} |")
+                           f"| {_gpu_text(whole, part)} | {'; '.join(partial) or '—'} |")
     return out
 
 
 def status_table(root: Path) -> str:
-    head = ["| protocol | data set | solver | finished runs (seeds) | epochs | in progress |",
-            "|---|---|---|---|---|---|"]
+    head = ["| protocol | data set | solver | finished runs (seeds) | epochs | "
+            "seeds trained on a GPU | in progress |",
+            "|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows(root))
 
 
