@@ -162,7 +162,7 @@ def collect_runs(
     """
     root = Path(root).resolve()
     found: dict[str, dict[str, Runs]] = {}
-    devices: dict[Path, tuple[str, ...]] = {}
+    devices: dict[tuple[str, str, str], tuple[str, ...]] = {}  # (data set, solver, seed)
     for path in sorted(root.rglob(METRICS_NAME)):
         if "report" in path.relative_to(root).parts:
             continue
@@ -172,7 +172,7 @@ def collect_runs(
         seed_dir = path.parent
         solver_dir = seed_dir.parent
         dataset = solver_dir.parent.name
-        devices[seed_dir] = run_devices(seed_dir)
+        devices[dataset, solver_dir.name, seed_dir.name] = run_devices(seed_dir)
         found.setdefault(dataset, {}).setdefault(solver_dir.name, {})[seed_dir.name] = rows
     _mask_timings(found, devices, timed_on or timing_device(devices.values()))
     return {d: dict(sorted(s.items(), key=lambda kv: solver_key(kv[0]))) for d, s in found.items()}
@@ -194,21 +194,20 @@ def timing_device(histories: Iterable[tuple[str, ...]]) -> str | None:
     """``"cpu"`` if a run trained wholly on the CPU, else the device most runs trained wholly
     on (``None``: no run stayed on one device)."""
     single = Counter(h[0] for h in histories if len(h) == 1)
-    if "cpu" in single or not single:
-        return "cpu" if "cpu" in single else None
-    return single.most_common(1)[0][0]
+    if "cpu" in single:
+        return "cpu"
+    return single.most_common(1)[0][0] if single else None
 
 
-def _mask_timings(found: dict[str, dict[str, Runs]], devices: Mapping[Path, tuple[str, ...]],
+def _mask_timings(found: dict[str, dict[str, Runs]],
+                  devices: Mapping[tuple[str, str, str], tuple[str, ...]],
                   timed_on: str | None) -> None:
-    """NaN the timing columns of the runs in ``found`` that did not train wholly on
-    ``timed_on`` (in place)."""
-    for seed_dir, history in devices.items():
-        if history == (timed_on,):
-            continue
-        runs = found[seed_dir.parent.parent.name][seed_dir.parent.name]
-        runs[seed_dir.name] = [{**r, **dict.fromkeys(TIMING_KEYS, math.nan)}
-                               for r in runs[seed_dir.name]]
+    """NaN the timing columns of the runs in ``found`` (keyed in ``devices`` by data set,
+    solver and seed) that did not train wholly on ``timed_on`` (in place)."""
+    for (dataset, solver, seed), history in devices.items():
+        if history != (timed_on,):
+            runs = found[dataset][solver]
+            runs[seed] = [{**r, **dict.fromkeys(TIMING_KEYS, math.nan)} for r in runs[seed]]
 
 
 # --------------------------------------------------------------------------- rows and views
@@ -421,15 +420,14 @@ def time_to(solvers: Mapping[str, Runs], level: Level, view: str = "test") -> li
     for solver, runs in solvers.items():
         epochs, seconds, steps, timed = [], [], [], 0
         for rows in runs.values():
-            run_steps = [float(r["mean_step_ms"]) for r in rows]
-            run_steps = [t for t in run_steps if math.isfinite(t)]
+            run_steps = [t for r in rows if math.isfinite(t := float(r["mean_step_ms"]))]
             timed += bool(run_steps)
             steps += run_steps
             for r in rows:
                 if level.holds(_metric(r, view, level.metric)):
                     epochs.append(int(r["epoch"]))
-                    if math.isfinite(float(r["wall_time_s"])):
-                        seconds.append(float(r["wall_time_s"]))
+                    if math.isfinite(t := float(r["wall_time_s"])):
+                        seconds.append(t)
                     break
         out.append(
             TimeTo98(

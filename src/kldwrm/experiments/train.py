@@ -197,8 +197,9 @@ class _Session:
                 torch.cuda.set_rng_state(state["cuda_rng_ranks"][self.rank], self.device)
         self.data_gen.set_state(state["data_rng"])
         self.state = RunState.from_checkpoint(state)
-        history = device_history(state)
-        self.devices = history + [self.device.type] * (history[-1] != self.device.type)
+        self.devices = device_history(state)
+        if self.devices[-1] != self.device.type:  # resumed on another device type
+            self.devices.append(self.device.type)
 
     def _wall_time(self) -> float:
         return self.state.wall_before + time.perf_counter() - self.t0
