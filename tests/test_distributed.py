@@ -3,6 +3,8 @@
 * 2 ranks × batch 128 equal 1 process × batch 256 for KFAC, SO, Q and QE (float64,
   empirical Fisher, refresh steps included), passing the DDP wrapper or the inner module;
 * with "mc" Fisher the ranks stay bitwise identical to each other;
+* a model run under activation checkpointing (``checkpoint_sequential``, non-reentrant) on
+  2 ranks equals the plain model in 1 process;
 * a checkpoint of a 2-rank ``kldwrm train`` run resumes bit-exactly in a 2-rank run;
 * a rank killed mid-run makes the other exit non-zero within the configured timeout.
 """
@@ -22,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from kldwrm import KFAC, QKLDWRM, SOKLDWRM
 from kldwrm.curvature.traffic import communication_bytes
@@ -46,6 +49,21 @@ CASES = {
     "kfac-rank": (KFAC, dict(rank=4), True),
     "q-rank": (QKLDWRM, dict(rank=4), False),
 }
+
+
+#: a case run on a model under activation checkpointing → the case it must equal unwrapped
+CHECKPOINTED = {"kfac-checkpointed": "kfac", "qe-checkpointed": "qe"}
+
+
+class _CheckpointedSequential(nn.Module):
+    """The same layers, run in 3 non-reentrant checkpointed segments."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_sequential(self.seq, 3, x, use_reentrant=False)
 
 
 def _free_port() -> int:
@@ -76,9 +94,11 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _run(name: str, fisher: str, rank: int, world: int) -> list[torch.Tensor]:
     """Train ``STEPS`` steps on this rank's shard of every global batch; final parameters."""
-    cls, kw, wrap = CASES[name]
+    cls, kw, wrap = CASES[CHECKPOINTED.get(name, name)]
     torch.manual_seed(0)
     model = _model().double()
+    if name in CHECKPOINTED:
+        model = _CheckpointedSequential(model)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
@@ -105,7 +125,7 @@ def _equivalence_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     try:
         result = {}
-        for name in CASES:
+        for name in (*CASES, *CHECKPOINTED):
             result[name] = _run(name, "empirical", rank, world)
         for name in ("kfac", "q"):
             result[f"mc-{name}"] = _run(name, "mc", rank, world)
@@ -135,6 +155,15 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(name, two_rank_re
     single = _run(name, "empirical", 0, 1)
     start = [p.detach() for p in _model().double().parameters()]
     assert _rel_err(single, start) > 1e-3  # the run moved
+    for r in range(2):
+        assert _rel_err(two_rank_results[r][name], single) <= 1e-10
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_two_ranks_of_a_checkpointed_model_equal_the_plain_model_in_one_process(
+        name, two_rank_results):
+    torch.set_num_threads(1)
+    single = _run(CHECKPOINTED[name], "empirical", 0, 1)
     for r in range(2):
         assert _rel_err(two_rank_results[r][name], single) <= 1e-10
 

@@ -29,6 +29,15 @@ loss over the examples of all its calls, which is what the usual accumulation lo
 computes (each micro-batch's mean loss weighted by its share of the examples): the step on
 accumulated micro-batches then equals the step on their concatenation
 (:meth:`Capture.delta_scale`).
+
+Activation checkpointing (``torch.utils.checkpoint``) runs parts of the forward pass again
+during a backward pass. A recomputed layer is not a new use of it: with
+``use_reentrant=False`` the first pass was recorded as usual and the recomputation is
+ignored; with ``use_reentrant=True`` the first pass ran under ``no_grad`` (nothing to record
+then), so the layer's input and output gradient are taken from its recomputation, once per
+use (:meth:`Capture._recomputed`). ``torch.autograd.grad`` cannot cross a reentrant
+checkpoint, so the "mc" labels' backward is then a plain backward with the parameters'
+gradients set aside and restored (:meth:`Capture._sampled_backward_all`).
 """
 
 from __future__ import annotations
@@ -47,6 +56,13 @@ LIKELIHOODS = ("categorical", "gaussian")
 
 #: how the likelihood finds its tensor in the model's output (DESIGN section 1)
 OutputSelector = Callable[[Any], Tensor] | str | int | None
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread (where a
+    checkpointed segment's forward is recomputed)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _is_functorch_tensor(t: Tensor) -> bool:
@@ -154,10 +170,9 @@ class Capture:
         for m in self.kron_modules:
             self._handles.append(m.register_forward_hook(self._layer_hook))
         self._handles.append(self.root.register_forward_hook(self._root_hook, with_kwargs=True))
-        if self.record_root:
-            self._handles.append(
-                self.root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
-            )
+        self._handles.append(
+            self.root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
+        )
         self.armed = True
 
     def disarm(self) -> None:
@@ -192,13 +207,20 @@ class Capture:
         self.root_outputs: list[Tensor] = []
         #: per call: the gradient of the user's loss w.r.t. the output (empirical Fisher)
         self.root_output_grads: dict[int, Tensor] = {}
+        #: per module: calls whose use of it ran under ``no_grad`` inside a grad-enabled
+        #: forward pass (a reentrant checkpoint), to be recorded when backward recomputes it
+        self.pending: dict[nn.Module, list[int]] = {}
+        #: whether a grad-enabled forward pass of the root module is running
+        self._root_running = False
 
     def num_examples(self) -> int:
         """Examples of every call of this step (the ``N`` of the factors' averages)."""
         if not self.examples:
             raise RuntimeError(
                 "no forward pass was captured on a curvature refresh step: call the model "
-                "(with grad enabled) and loss.backward() before optimizer.step()"
+                "(with grad enabled) and loss.backward() before optimizer.step() (a model "
+                "checkpointed as a whole with use_reentrant=True runs without grad: "
+                "checkpoint its blocks, or pass use_reentrant=False)"
             )
         return sum(self.examples)
 
@@ -250,23 +272,61 @@ class Capture:
 
     # -- hooks ------------------------------------------------------------------------
     def _root_pre_hook(self, module, args, kwargs):
-        if args and self._active(args[0]):
+        if in_backward():  # the whole model checkpointed: its recomputation is no new call
+            return
+        self._root_running = torch.is_grad_enabled()
+        if self.record_root and args and self._active(args[0]):
             self.root_inputs.append(args[0].detach())
 
     def _layer_hook(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if not isinstance(output, Tensor) or not self._active(output) or not output.requires_grad:
+        if not isinstance(output, Tensor) or not self.armed or self.paused:
+            return
+        if _is_functorch_tensor(output):
+            return
+        if in_backward():
+            self._recomputed(module, inputs, output)
             return
         call = len(self.examples)  # the root hook of this call has not run yet
-        self.inputs.setdefault(module, []).append(inputs[0].detach())
+        if not torch.is_grad_enabled():
+            if self._root_running:  # a reentrant checkpoint's first pass
+                self.pending.setdefault(module, []).append(call)
+            return
+        if not output.requires_grad:
+            return
+        self._record_use(module, inputs[0], output, call)
+
+    def _record_use(self, module: nn.Module, x: Tensor, output: Tensor, call: int) -> None:
+        """Keep the layer input of ``call`` and arrange for its output gradient."""
+        self.inputs.setdefault(module, []).append(x.detach())
         self.input_calls.setdefault(module, []).append(call)
         if self.fisher == "empirical":
             output.register_hook(lambda g, m=module, c=call: self._record_delta(m, c, g))
         else:
             self._outputs[module] = output
 
+    def _recomputed(self, module: nn.Module, inputs, output: Tensor) -> None:
+        """A forward run again by a backward pass (activation checkpointing).
+
+        Only a use whose first pass ran under ``no_grad`` (a reentrant checkpoint) is
+        recorded here, once: its input, and the output gradient of the backward that
+        recomputed it (the "mc" labels' own backward, or the user's for the empirical
+        Fisher). Any other recomputation (``use_reentrant=False``, whose first pass was
+        recorded; a second recomputation) is ignored.
+        """
+        calls = self.pending.get(module)
+        if not calls or not output.requires_grad:
+            return
+        if self.fisher == "mc" and not self.in_sampled_backward:
+            return  # the user's backward: the sampled one has recorded this use already
+        call = calls.pop(0)
+        self.inputs.setdefault(module, []).append(inputs[0].detach())
+        self.input_calls.setdefault(module, []).append(call)
+        output.register_hook(lambda g, m=module, c=call: self._record_delta(m, c, g))
+
     def _record_delta(self, module: nn.Module, call: int, grad: Tensor) -> None:
-        """Empirical Fisher: the gradient of the user's mean loss (times the step's examples
-        once they are known, :meth:`delta_scale`)."""
+        """A layer's output gradient: for the empirical Fisher that of the user's mean loss
+        (times the step's examples once they are known, :meth:`delta_scale`); for "mc"
+        (a reentrant checkpoint's recomputation) that of the sampled-label loss."""
         self.deltas.setdefault(module, []).append(grad.detach())
         self.delta_calls.setdefault(module, []).append(call)
 
@@ -283,6 +343,9 @@ class Capture:
         return float(sum(self.examples)) if self.fisher == "empirical" else 1.0
 
     def _root_hook(self, module, args, kwargs, output: Any) -> None:
+        if in_backward():
+            return
+        self._root_running = False
         try:
             output = select_output(output, self.output)
         except (KeyError, IndexError, AttributeError, TypeError) as exc:
@@ -332,22 +395,30 @@ class Capture:
         outputs and the diagonal blocks' tensors only, inside the forward pass."""
         mods = list(self._outputs)
         diag = [p for p in self.diag_params if p.requires_grad]
-        targets = [self._outputs[m] for m in mods] + diag
+        outputs = [self._outputs[m] for m in mods]
         self._outputs.clear()
-        if not targets:
+        reentrant = any(call in calls for calls in self.pending.values())
+        if not (outputs or diag or reentrant):
             return
         loss, _ = sample_output_grads(output, self.likelihood, self.sampling_generator())
         self.in_sampled_backward = True
         try:
-            grads = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+            if reentrant:
+                grads = self._sampled_backward_all(loss, outputs, diag)
+            else:
+                grads = torch.autograd.grad(loss, outputs + diag, retain_graph=True,
+                                            allow_unused=True)
         finally:
             self.in_sampled_backward = False
         for m, g in zip(mods, grads[: len(mods)], strict=True):
             if g is not None:
-                self.deltas.setdefault(m, []).append(g.detach())
-                self.delta_calls.setdefault(m, []).append(call)
-        n = self.examples[call]
-        for p, g in zip(diag, grads[len(mods):], strict=True):
+                self._record_delta(m, call, g)
+        self._add_diagonal(diag, grads[len(mods):], self.examples[call])
+
+    def _add_diagonal(self, diag: Sequence[nn.Parameter], grads: Sequence[Tensor | None],
+                      n: int) -> None:
+        """Add a call's summed sampled-label gradients to the diagonal blocks' statistics."""
+        for p, g in zip(diag, grads, strict=True):
             if g is not None:
                 g = widen(g.detach())
                 est = g.square() / n
@@ -355,6 +426,40 @@ class Capture:
                 self.diag_sq[p] = est if prev is None else prev + est
                 prev = self.diag_grad.get(p)
                 self.diag_grad[p] = g if prev is None else prev + g
+
+    def _sampled_backward_all(self, loss: Tensor, outputs: Sequence[Tensor],
+                              diag: Sequence[nn.Parameter]) -> list[Tensor | None]:
+        """The sampled-label gradients when a reentrant checkpoint lies on the way, which
+        ``torch.autograd.grad`` cannot cross: a plain backward, the layer outputs' gradients
+        taken by hooks, the parameters' gradients (the diagonal blocks' statistics) read
+        and every parameter's ``.grad`` restored to what it was."""
+        if type(self.root).__name__ == "DistributedDataParallel":
+            raise ValueError(
+                "fisher='mc' cannot sample labels through a reentrant activation checkpoint "
+                "(torch.utils.checkpoint with use_reentrant=True) under "
+                "DistributedDataParallel: pass use_reentrant=False to checkpoint"
+            )
+        params = [p for p in self.root.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        got: list[Tensor | None] = [None] * len(outputs)
+
+        def keep(i: int) -> Callable[[Tensor], None]:
+            def hook(g: Tensor) -> None:
+                got[i] = g
+            return hook
+
+        handles = [o.register_hook(keep(i)) for i, o in enumerate(outputs)]
+        for p in params:
+            p.grad = None
+        try:
+            torch.autograd.backward(loss, retain_graph=True)
+            diag_grads = [p.grad for p in diag]
+        finally:
+            for h in handles:
+                h.remove()
+            for p, g in zip(params, saved, strict=True):
+                p.grad = g
+        return [*got, *diag_grads]
 
 
 __all__ = [

@@ -9,6 +9,7 @@ minimiser of the quadratic approximation and hence a good initial guess (section
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -78,6 +79,34 @@ class _Window:
         else:
             per = gaussian_skl_per_row(self.stored, current)
         return per.mean(dim=1) @ self.weights
+
+
+def _logits(out: Any) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "QEKLDWRM needs the logits (or means) as a tensor: the model returned "
+            f"{type(out).__name__}; pass output=... (an index, a key or a callable)"
+        )
+    return out
+
+
+class _KLGradient(nn.Module):
+    """The window's SKL on the recorded calls, backpropagated inside the forward pass.
+
+    Called through ``functional_call`` with ``θ_k + s`` as the wrapped network's
+    parameters, so the backward pass (and any checkpointed segment it recomputes) runs
+    while they are in place; the gradients land in the leaves passed for them.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, calls: Sequence[_Call], targets: Sequence[_Window],
+                call_w: Sequence[float], output: Any) -> None:
+        total = sum(window.skl(_logits(select_output(self.net(*c.args, **c.kwargs), output)))
+                    * w for c, window, w in zip(calls, targets, call_w, strict=True))
+        total.backward()
 
 
 def wake_weights(rho: float, window: int) -> list[float]:
@@ -210,6 +239,7 @@ class QEKLDWRM(QKLDWRM):
         # one vmap over the stacked window on a GPU; on a CPU one forward per stored iterate
         # (the paper CNN, 4 iterates, batch 512: 63 ms in a loop against 114 ms vmapped)
         self._use_vmap = self._params[0].device.type == "cuda"
+        self._kl_module = _KLGradient(net)
         ref = weakref.ref(self)
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -415,13 +445,7 @@ class QEKLDWRM(QKLDWRM):
 
     def _forward(self, pdict: dict[str, Tensor], rest: dict[str, Tensor], call: _Call) -> Tensor:
         out = functional_call(self.engine.model, (pdict, rest), call.args, call.kwargs)
-        out = select_output(out, self.output)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                "QEKLDWRM needs the logits (or means) as a tensor: the model returned "
-                f"{type(out).__name__}; pass output=... (an index, a key or a callable)"
-            )
-        return out
+        return _logits(select_output(out, self.output))
 
     @torch.no_grad()
     def _stored_outputs(
@@ -431,25 +455,27 @@ class QEKLDWRM(QKLDWRM):
         stacked = {n: self.state[p]["qe_window"] for n, p in zip(self._names, self._params,
                                                                    strict=True)}
         outs = []
-        for call in calls:
-            out = None
-            if self._use_vmap:
-                randomness = "different" if self.kl_train_mode else "error"
-                try:
-                    out = vmap(
-                        lambda pd, c=call: self._forward(pd, rest, c), randomness=randomness
-                    )(stacked)
-                except (RuntimeError, NotImplementedError, ValueError):
-                    self._use_vmap = False  # e.g. BatchNorm updating buffers in train mode
-            if out is None:
-                out = torch.stack(
-                    [
-                        self._forward({n: t[j] for n, t in stacked.items()}, rest, call)
-                        for j in range(self.window)
-                    ]
-                )
-            outs.append(out)
+        with warnings.catch_warnings():
+            # a reentrant checkpoint in the model, run here under no_grad, warns of that
+            warnings.filterwarnings("ignore", "None of the inputs have requires_grad",
+                                    UserWarning)
+            for call in calls:
+                outs.append(self._stored_call(call, stacked, rest))
         return outs, [num_examples(o[0]) for o in outs]
+
+    def _stored_call(self, call: _Call, stacked: dict[str, Tensor],
+                     rest: dict[str, Tensor]) -> Tensor:
+        """The stored iterates' outputs on one call, stacked (``vmap`` where it works)."""
+        if self._use_vmap:
+            randomness = "different" if self.kl_train_mode else "error"
+            try:
+                return vmap(
+                    lambda pd: self._forward(pd, rest, call), randomness=randomness
+                )(stacked)
+            except (RuntimeError, NotImplementedError, ValueError):
+                self._use_vmap = False  # e.g. BatchNorm updating buffers in train mode
+        return torch.stack([self._forward({n: t[j] for n, t in stacked.items()}, rest, call)
+                            for j in range(self.window)])
 
     def _kl_grad(
         self,
@@ -460,16 +486,22 @@ class QEKLDWRM(QKLDWRM):
         targets: Sequence[_Window],
         call_w: Sequence[float],
     ) -> list[Tensor]:
-        """``∇_s Σ_j w_j SKL(θ_{k-j}, θ_k + s)`` on this rank's batch (one fwd + bwd)."""
+        """``∇_s Σ_j w_j SKL(θ_{k-j}, θ_k + s)`` on this rank's batch (one fwd + bwd).
+
+        Forward and backward run inside one ``functional_call`` (of :class:`_KLGradient`),
+        so that a backward pass recomputing checkpointed segments of the model
+        (``torch.utils.checkpoint``) still sees ``θ_k + s``; a plain backward into fresh
+        leaves, since ``torch.autograd.grad`` cannot cross a reentrant checkpoint.
+        """
         with torch.enable_grad():
             leaves = [(p + si).to(p.dtype).requires_grad_(True)
                       for p, si in zip(params, s, strict=True)]
-            pdict = dict(zip(self._names, leaves, strict=True))
-            total = sum(window.skl(self._forward(pdict, rest, call)) * cw
-                        for call, window, cw in zip(calls, targets, call_w, strict=True))
-            grads = torch.autograd.grad(total, leaves, allow_unused=True)
-            return [widen(g) if g is not None else torch.zeros_like(widen(p))
-                    for g, p in zip(grads, params, strict=True)]
+            named = (*rest.items(), *zip(self._names, leaves, strict=True))
+            tensors = {f"net.{n}": t for n, t in named}
+            functional_call(self._kl_module, tensors,
+                            (calls, targets, call_w, self.output))
+            return [widen(leaf.grad) if leaf.grad is not None else torch.zeros_like(widen(p))
+                    for leaf, p in zip(leaves, params, strict=True)]
 
     # -- persistence --------------------------------------------------------------------------
     def _rule_state(self) -> dict[str, Any]:
