@@ -34,3 +34,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     out = torch.cat([model(xb) for xb in x.split(2000)])
     model.train()
     return float((out.argmax(1) == y).double().mean())
+
+
+@pytest.fixture()
+def float64():
+    """Run the test with float64 as the default dtype (comparisons at tight tolerances)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

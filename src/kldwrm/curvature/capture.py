@@ -175,6 +175,23 @@ class Capture:
         )
         self.armed = True
 
+    def arm_in_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Arm from inside the root module's forward pre-hooks, for the pass now starting
+        (the hooks installed now run from the next call on, so the root's is run here)."""
+        if not self.armed:
+            self.arm()
+            self._root_pre_hook(module, args, kwargs)
+
+    def add(self, kron_modules: Sequence[nn.Module], diag_params: Sequence[nn.Parameter]
+            ) -> None:
+        """Record these layers and diagonal tensors too (a parameter group added later);
+        their hooks are installed at once if the capture is armed."""
+        self.kron_modules.extend(kron_modules)
+        self.diag_params.extend(diag_params)
+        if self.armed:
+            for m in kron_modules:
+                self._handles.append(m.register_forward_hook(self._layer_hook))
+
     def disarm(self) -> None:
         """Remove every hook and drop what was recorded."""
         for h in self._handles:

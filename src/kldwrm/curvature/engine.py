@@ -35,14 +35,17 @@ def _warn_shared(module_name: str) -> None:
         f"the weight of layer {module_name!r} is shared with an earlier layer, whose "
         "Kronecker block it keeps: its curvature comes from that layer's use only",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
+
 
 CURVATURES = ("kron", "dense")
 
 
 def _wide(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
+
+
 DENSE_SCOPES = ("model", "layer")
 
 
@@ -76,7 +79,12 @@ def _dense_groups(
 
 
 class CurvatureEngine:
-    """Block-diagonal curvature over ``params`` (a flat, ordered list of tensors)."""
+    """Block-diagonal curvature over ``params`` (a flat, ordered list of tensors).
+
+    Tensors may be added later (:meth:`add_params`, behind ``Optimizer.add_param_group``):
+    they are appended to the flat list and get blocks of their own, built as at
+    construction.
+    """
 
     def __init__(
         self,
@@ -94,62 +102,92 @@ class CurvatureEngine:
     ) -> None:
         self.root = model
         self.model = unwrap(model)
-        self.params = list(params)
         self.fisher = fisher
         self.likelihood = likelihood
         self.curvature = curvature
-        index = {id(p): i for i, p in enumerate(self.params)}
+        self.dense_scope = dense_scope
+        self.bias = bias
+        self.rank = rank
+        self.params: list[nn.Parameter] = []
         self.blocks: list[Block] = []
+        #: positions of each block's tensors in the flat parameter list
+        self.slots: list[list[int]] = []
+        self.capture = Capture(
+            self.root, [], [], fisher=fisher, likelihood=likelihood, generator=generator,
+            record_root=curvature == "dense", output=output,
+        )
+        self.add_params(params)
+
+    def add_params(self, params: Sequence[nn.Parameter]) -> list[int]:
+        """Append ``params`` to the flat list and build their blocks; returns the indices
+        of the new blocks. A layer gets a Kronecker block when all of its own tensors are
+        among ``params``, every other tensor a diagonal one (dense blocks in research
+        mode); the capture hooks of the new layers are installed if it is armed."""
+        params = list(params)
         names = {id(p): n for n, p in self.model.named_parameters()}
-        unknown = [i for i, p in enumerate(self.params) if id(p) not in names]
+        unknown = [i for i, p in enumerate(params) if id(p) not in names]
         if unknown:
             raise ValueError(
                 "every optimized tensor must be a parameter of the model passed as the first "
                 f"argument; parameters at positions {unknown} are not"
             )
-        covered: set[int] = set()
-        if curvature == "dense":
-            if dense_scope == "model":
-                self.blocks.append(DenseBlock(self.params, "model"))
-                covered.update(id(p) for p in self.params)
-            else:
-                for mname, m in self.model.named_modules():
-                    ps = [p for p in m.parameters(recurse=False) if id(p) in index]
-                    for group, gname in _dense_groups(m, ps, mname or "model", bias):
-                        self.blocks.append(DenseBlock(group, gname))
-                        covered.update(id(p) for p in group)
+        offset = len(self.params)
+        self.params.extend(params)
+        index = {id(p): offset + i for i, p in enumerate(params)}
+        if self.curvature == "dense":
+            new = self._dense_blocks(params, index, first=offset == 0)
         else:
-            functional = _functionally_called(self.model)
-            for mname, m in self.model.named_modules():
-                if not kronecker_supported(m) or id(m) in functional:
-                    continue
-                own = [m.weight] + ([m.bias] if m.bias is not None else [])
-                if id(m.weight) in covered:
+            new = self._kron_blocks(index)
+        covered = {id(p) for b in new for p in b.params}
+        new += [DiagonalBlock(p, names[id(p)]) for p in params if id(p) not in covered]
+        first = len(self.blocks)
+        self.blocks.extend(new)
+        self.slots.extend([index[id(p)] for p in b.params] for b in new)
+        held = {id(m) for m in self.capture.kron_modules}
+        kron = list({id(b.module): b.module for b in new if isinstance(b, FactoredBlock)
+                     and id(b.module) not in held}.values())
+        self.capture.add(kron, [b.params[0] for b in new if isinstance(b, DiagonalBlock)])
+        return list(range(first, len(self.blocks)))
+
+    def _dense_blocks(self, params: list[nn.Parameter], index: dict[int, int],
+                      first: bool) -> list[Block]:
+        """Research mode: one block over ``params`` (``dense_scope="model"``), or one per
+        module (``"layer"``). With ``"model"``, tensors frozen now (``requires_grad``
+        off) get a block of their own, so that they do not enter the others' solve; so
+        does a group added later."""
+        if self.dense_scope == "model":
+            name = "model" if first else f"model.{len(self.blocks)}"
+            live = [p for p in params if p.requires_grad]
+            frozen = [p for p in params if not p.requires_grad]
+            return ([DenseBlock(live, name)] if live else []) + (
+                [DenseBlock(frozen, f"{name}.frozen")] if frozen else [])
+        out: list[Block] = []
+        for mname, m in self.model.named_modules():
+            ps = [p for p in m.parameters(recurse=False) if id(p) in index]
+            for group, gname in _dense_groups(m, ps, mname or "model", self.bias):
+                out.append(DenseBlock(group, gname))
+        return out
+
+    def _kron_blocks(self, index: dict[int, int]) -> list[Block]:
+        """Kronecker blocks of the supported layers whose tensors are all in ``index``."""
+        functional = _functionally_called(self.model)
+        covered = {id(p) for b in self.blocks if isinstance(b, FactoredBlock)
+                   for p in b.params}
+        out: list[Block] = []
+        for mname, m in self.model.named_modules():
+            if not kronecker_supported(m) or id(m) in functional:
+                continue
+            own = [m.weight] + ([m.bias] if m.bias is not None else [])
+            if id(m.weight) in covered:
+                if id(m.weight) in index:  # tied to an earlier layer's weight
                     _warn_shared(mname)  # its bias, if not shared too, gets a diagonal block
-                    continue
-                if all(id(p) in index for p in own):
-                    self.blocks.append(KroneckerBlock(m, mname, bias=bias, rank=rank))
-                    if m.bias is not None and bias == "separate":
-                        self.blocks.append(BiasBlock(m, f"{mname}.bias", rank=rank))
-                    covered.update(id(p) for p in own)
-        for p in self.params:
-            if id(p) not in covered:
-                self.blocks.append(DiagonalBlock(p, names[id(p)]))
-        # positions of each block's tensors in the flat parameter list
-        self.slots: list[list[int]] = [[index[id(p)] for p in b.params] for b in self.blocks]
-        kron = list({id(b.module): b.module for b in self.blocks
-                     if isinstance(b, FactoredBlock)}.values())
-        diag = [b.params[0] for b in self.blocks if isinstance(b, DiagonalBlock)]
-        self.capture = Capture(
-            self.root,
-            kron,
-            diag,
-            fisher=fisher,
-            likelihood=likelihood,
-            generator=generator,
-            record_root=curvature == "dense",
-            output=output,
-        )
+                continue
+            if all(id(p) in index for p in own):
+                out.append(KroneckerBlock(m, mname, bias=self.bias, rank=self.rank))
+                if m.bias is not None and self.bias == "separate":
+                    out.append(BiasBlock(m, f"{mname}.bias", rank=self.rank))
+                covered.update(id(p) for p in own)
+        return out
 
     # -- refresh ----------------------------------------------------------------------
     def arm(self, on: bool) -> None:
@@ -160,15 +198,18 @@ class CurvatureEngine:
             self.capture.disarm()
 
     def fresh_estimates(
-        self, grads: Sequence[Tensor | None]
+        self, grads: Sequence[Tensor | None], blocks: Sequence[int] | None = None
     ) -> list[dict[str, Tensor] | None] | None:
-        """Fresh estimates of every block from this step's capture; ``None`` if non-finite.
+        """Fresh estimates of ``blocks`` (default: all) from this step's capture; ``None``
+        if non-finite.
 
-        A block that received no data on this step (a layer the forward pass did not use)
-        has the estimate ``None``. Nothing is modified, so a step with non-finite
-        statistics can be skipped cleanly.
+        A block that received no data on this step (a layer the forward pass did not use),
+        or that is not in ``blocks``, has the estimate ``None``. Nothing is modified, so a
+        step with non-finite statistics can be skipped cleanly. Under ``torch.distributed``
+        every rank must pass the same ``blocks``.
         """
-        dense = [b for b in self.blocks if isinstance(b, DenseBlock)]
+        wanted = set(range(len(self.blocks)) if blocks is None else blocks)
+        dense = [b for i, b in enumerate(self.blocks) if isinstance(b, DenseBlock) and i in wanted]
         if dense:
             self.capture.snapshot_generator()
             self.capture.paused = True  # functional re-evaluation must not be captured
@@ -177,22 +218,20 @@ class CurvatureEngine:
             finally:
                 self.capture.paused = False
         self.capture.num_examples()  # raises a clear error when no forward pass was captured
-        out: list[dict[str, Tensor] | None] = []
+        chosen = [(i, b, [grads[j] for j in self.slots[i]])
+                  for i, b in enumerate(self.blocks) if i in wanted]
+        out: list[dict[str, Tensor] | None] = [None] * len(self.blocks)
         if is_distributed():
             # every rank's statistics, combined in one flattened all-reduce (weighted by
             # examples/rows), so that every rank folds the same estimate of the whole batch;
             # a block without data on this rank takes part with zeros of weight 0
-            stats, weights = [], []
-            for b, slot in zip(self.blocks, self.slots, strict=True):
-                st, w = b.distributed_fresh(self.capture, [grads[i] for i in slot])
-                stats.append(st)
-                weights.append(w)
-            totals = all_reduce_weighted_(stats, weights)
-            for b, st, tot in zip(self.blocks, stats, totals, strict=True):
-                out.append(b.finish_distributed(st, tot))
+            parts = [b.distributed_fresh(self.capture, gs) for _, b, gs in chosen]
+            totals = all_reduce_weighted_([st for st, _ in parts], [w for _, w in parts])
+            for (i, b, _), (st, _), tot in zip(chosen, parts, totals, strict=True):
+                out[i] = b.finish_distributed(st, tot)
         else:
-            for b, slot in zip(self.blocks, self.slots, strict=True):
-                out.append(b.fresh(self.capture, [grads[i] for i in slot]))
+            for i, b, gs in chosen:
+                out[i] = b.fresh(self.capture, gs)
         if not all_finite([t for est in out if est is not None for t in est.values()]):
             return None
         return out

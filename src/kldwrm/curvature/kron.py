@@ -231,6 +231,10 @@ class KroneckerFactors:
         self, V: Tensor, damping: float, ea_scale: float, fresh_scale: float, method: str
     ) -> Tensor:
         """``(e Ā⊗Γ̄ + f A⊗Γ + γI)^{-1} vec(V)`` as a matrix."""
+        if (method == "exact" and fresh_scale != 0.0 and self.A_fresh is not None
+                and self.A_fresh is self.A_bar and self.G_fresh is self.G_bar):
+            # no data on this refresh (keep_average): the system is (e + f) Ā⊗Γ̄ + γI
+            ea_scale, fresh_scale = ea_scale + fresh_scale, 0.0
         if fresh_scale == 0.0:
             if not self.exact:
                 return low_rank_inverse(V, *self.spectra(), ea_scale, damping)

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..curvature import (
     CurvatureEngine,
     unwrap,
 )
-from ..curvature.capture import OutputSelector, widen
+from ..curvature.capture import OutputSelector, in_backward, widen
 from ..curvature.linalg import all_finite
 from ..distributed import broadcast_generator_
 
@@ -50,6 +51,68 @@ def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Per-tensor dot products ``aᵢ·bᵢ``: one pass over each pair, no temporaries."""
     return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1))
                         for x, y in zip(a, b, strict=True)])
+
+
+def _trainable(block: Any) -> bool:
+    return any(p.requires_grad for p in block.params)
+
+
+def _unfreeze_watch(ref: weakref.ref) -> Callable[..., None]:
+    """The forward pre-hook of :meth:`CurvatureOptimizer._track_trainable`."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        opt = ref()
+        if opt is None or not torch.is_grad_enabled() or in_backward():
+            return
+        opt._track_trainable()
+        if opt._pending:
+            opt.engine.capture.arm_in_forward(module, args, kwargs)
+
+    return hook
+
+
+def _label_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The generator of the Monte-Carlo labels: one shared state on every rank (each rank
+    derives its own labels' seed from it on refresh steps, see
+    ``Capture.sampling_generator``), so rank 0's ``state_dict`` resumes every rank."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((torch.initial_seed() + 1) % (2**63) if seed is None else int(seed))
+    broadcast_generator_(gen)
+    return gen
+
+
+def _check_arguments(model: Any, *, lr: float, rho: float, damping: float,
+                     weight_decay: float, kl_clip: float | None, block_clip: float | None,
+                     update_freq: int, fisher: str, likelihood: str, curvature: str,
+                     dense_scope: str, bias: str, rank: int | None,
+                     output: OutputSelector) -> None:
+    """``ValueError``/``TypeError`` naming the first bad constructor argument."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"the first argument must be the nn.Module being trained, got {type(model)!r}"
+        )
+    check_positive("lr", lr)
+    check_unit_interval("rho", rho)
+    check_nonnegative("damping", damping)
+    check_nonnegative("weight_decay", weight_decay)
+    check_optional_positive("kl_clip", kl_clip)
+    check_optional_positive("block_clip", block_clip)
+    check_int_at_least("update_freq", update_freq, 1)
+    check_choice("fisher", fisher, FISHER_TYPES)
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    check_choice("curvature", curvature, CURVATURES)
+    check_choice("dense_scope", dense_scope, DENSE_SCOPES)
+    check_choice("bias", bias, BIAS_MODES)
+    if rank is not None:
+        check_int_at_least("rank", rank, 1)
+    if output is not None and not (callable(output) or isinstance(output, (int, str))):
+        raise ValueError(
+            f"output must be None, an int, a str or a callable, got {type(output).__name__}"
+        )
+    if fisher == "exact" and curvature != "dense":
+        raise ValueError(
+            "fisher='exact' is only available with curvature='dense'; "
+            "use fisher='mc' or 'empirical' with Kronecker curvature"
+        )
 
 
 class NonFiniteGradientWarning(RuntimeWarning):
@@ -96,8 +159,11 @@ class CurvatureOptimizer(Optimizer):
             Its last dimension holds the classes (features); every leading position is an
             example (a language model's ``(batch, time, vocab)`` logits are batch·time
             examples).
-        params: optional parameters or parameter groups (default: every trainable parameter
-            of ``model``); each group may set its own ``lr``, ``weight_decay``, ``damping``.
+        params: optional parameters or parameter groups (default: every parameter of
+            ``model``, frozen ones included: a tensor whose ``requires_grad`` is off is left
+            alone, its block keeping its state, and is trained from its first gradient once
+            it is turned on); each group may set its own ``lr``, ``weight_decay``,
+            ``damping``; :meth:`add_param_group` adds groups later.
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
@@ -123,44 +189,18 @@ class CurvatureOptimizer(Optimizer):
         params: Iterable[Any] | None = None,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"the first argument must be the nn.Module being trained, got {type(model)!r}"
-            )
-        check_positive("lr", lr)
-        check_unit_interval("rho", rho)
-        check_nonnegative("damping", damping)
-        check_nonnegative("weight_decay", weight_decay)
-        check_optional_positive("kl_clip", kl_clip)
-        check_optional_positive("block_clip", block_clip)
-        check_int_at_least("update_freq", update_freq, 1)
-        check_choice("fisher", fisher, FISHER_TYPES)
-        check_choice("likelihood", likelihood, LIKELIHOODS)
-        check_choice("curvature", curvature, CURVATURES)
-        check_choice("dense_scope", dense_scope, DENSE_SCOPES)
-        check_choice("bias", bias, BIAS_MODES)
-        if rank is not None:
-            check_int_at_least("rank", rank, 1)
-        if output is not None and not (callable(output) or isinstance(output, (int, str))):
-            raise ValueError(
-                f"output must be None, an int, a str or a callable, got {type(output).__name__}"
-            )
-        if fisher == "exact" and curvature != "dense":
-            raise ValueError(
-                "fisher='exact' is only available with curvature='dense'; "
-                "use fisher='mc' or 'empirical' with Kronecker curvature"
-            )
+        _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
+                         kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
+                         fisher=fisher, likelihood=likelihood, curvature=curvature,
+                         dense_scope=dense_scope, bias=bias, rank=rank, output=output)
         if params is None:
-            params = [p for p in unwrap(model).parameters() if p.requires_grad]
-        defaults = dict(lr=lr, damping=damping, weight_decay=weight_decay)
+            # every parameter, frozen ones included (as torch.optim's model.parameters()):
+            # a tensor frozen now and unfrozen later is trained from its first gradient
+            params = list(unwrap(model).parameters())
         params = list(params)
         if not params:
-            raise ValueError("the model has no trainable parameters (requires_grad=True)")
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            check_positive(f"param_groups[{i}]['lr']", group["lr"])
-            check_nonnegative(f"param_groups[{i}]['damping']", group["damping"])
-            check_nonnegative(f"param_groups[{i}]['weight_decay']", group["weight_decay"])
+            raise ValueError("the model has no parameters to optimize")
+        super().__init__(params, dict(lr=lr, damping=damping, weight_decay=weight_decay))
         self.rho = rho
         self.kl_clip = kl_clip
         self.block_clip = block_clip
@@ -174,25 +214,10 @@ class CurvatureOptimizer(Optimizer):
         self._group_of: list[int] = [
             gi for gi, g in enumerate(self.param_groups) for _ in g["params"]
         ]
-        device = self._params[0].device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(
-            (torch.initial_seed() + 1) % (2**63) if seed is None else int(seed)
-        )
-        # one shared sampling state on every rank (each rank derives its own labels' seed
-        # from it on refresh steps, see Capture.sampling_generator), so rank 0's state_dict
-        # resumes every rank
-        broadcast_generator_(self.generator)
+        self.generator = _label_generator(self._params[0].device, seed)
         self.engine = CurvatureEngine(
-            model,
-            self._params,
-            fisher=fisher,
-            likelihood=likelihood,
-            curvature=curvature,
-            dense_scope=dense_scope,
-            bias=bias,
-            rank=rank,
-            generator=self.generator,
+            model, self._params, fisher=fisher, likelihood=likelihood, curvature=curvature,
+            dense_scope=dense_scope, bias=bias, rank=rank, generator=self.generator,
             output=output,
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
@@ -201,24 +226,102 @@ class CurvatureOptimizer(Optimizer):
         self.skipped_steps = 0
         self._clipped: list[Tensor] | None = None
         self._step_factors: list[float] = []
+        self._left: dict[int, dict[str, Any]] = {}
         self._warned_nonfinite = False
         self._warned_missing = False
         #: whether some parameter is in half precision (its gradient is widened to float32)
         self._narrow = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params)
-        self.engine.arm(True)
+        #: per block: whether some tensor of it required grad when last looked at
+        self._trainable = [_trainable(b) for b in self.engine.blocks]
+        #: blocks without curvature that became trainable (unfrozen, or added): the next
+        #: step's forward pass is captured to give them curvature (a catch-up refresh)
+        self._pending: set[int] = set()
+        self._watcher: torch.utils.hooks.RemovableHandle | None = None
+        self._arm_next()
+
+    def _check_group(self, i: int, group: dict[str, Any]) -> None:
+        check_positive(f"param_groups[{i}]['lr']", group["lr"])
+        check_nonnegative(f"param_groups[{i}]['damping']", group["damping"])
+        check_nonnegative(f"param_groups[{i}]['weight_decay']", group["weight_decay"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Only while the optimizer is built: the curvature blocks are laid out over the
-        tensors given then, so a group added later would never be updated. To train more
-        tensors (e.g. layers unfrozen during fine-tuning), build a new optimizer with
-        ``params=`` (its ``load_state_dict`` refuses a mismatched state)."""
-        if hasattr(self, "engine"):
-            raise NotImplementedError(
-                f"{type(self).__name__}.add_param_group() after construction is not "
-                "supported: the curvature blocks are built over the parameters given to the "
-                "constructor; build a new optimizer with params=[...] (groups allowed) instead"
-            )
+        """Add a group, as ``torch.optim`` does (a tensor already in a group is a
+        ``ValueError``; unset hyperparameters take the constructor's values).
+
+        Its tensors get curvature blocks built as at construction (Kronecker for a layer
+        whose tensors are all in the group) and are trained from the next step, whose
+        forward pass is captured for their first curvature estimate. Under
+        ``torch.distributed`` every rank must add the same group before the same step;
+        to resume, add the same groups before ``load_state_dict``.
+        """
         super().add_param_group(param_group)
+        if not hasattr(self, "engine"):  # torch.optim's constructor adding the first groups
+            self._check_group(len(self.param_groups) - 1, self.param_groups[-1])
+            return
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            self._check_group(gi, group)
+            blocks = self.engine.add_params(group["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        first = len(self._params)
+        self._params.extend(group["params"])
+        self._group_of.extend(gi for _ in group["params"])
+        for bi in blocks:
+            self.engine.blocks[bi].group = gi
+        self._trainable.extend(False for _ in blocks)  # pending once they require grad
+        self._narrow = self._narrow or any(
+            p.dtype in (torch.float16, torch.bfloat16) for p in group["params"])
+        self._params_added(first)
+        self._arm_next()
+
+    def _params_added(self, first: int) -> None:
+        """Tensors ``self._params[first:]`` were just added (a subclass extends its own
+        per-tensor bookkeeping)."""
+
+    # -- blocks that become trainable ----------------------------------------------------
+    def _track_trainable(self) -> None:
+        """Note blocks without curvature whose tensors now require grad (unfrozen, or in
+        a group just added): they wait for a catch-up refresh. While some block is frozen
+        without curvature, a forward pre-hook on the model looks again at each
+        grad-enabled pass, so a layer unfrozen just before a forward pass is captured in
+        it (no hook otherwise: nothing to watch)."""
+        dormant = False
+        for bi, b in enumerate(self.engine.blocks):
+            now = _trainable(b)
+            if now and not self._trainable[bi] and not b.initialized:
+                self._pending.add(bi)
+            self._trainable[bi] = now
+            dormant = dormant or (not now and not b.initialized)
+        watcher = self._watcher
+        if dormant and watcher is None:
+            self._watcher = self.engine.capture.root.register_forward_pre_hook(
+                _unfreeze_watch(weakref.ref(self)), with_kwargs=True)
+        elif not dormant and watcher is not None:
+            watcher.remove()
+            self._watcher = None
+
+    def _arm_next(self) -> None:
+        """Arm the capture for the next step when it refreshes (eq. 20) or catches up."""
+        self._track_trainable()
+        self.engine.arm(self.is_refresh_step or bool(self._pending))
+
+    def _refresh_targets(self, grads: Sequence[Tensor | None]) -> list[int] | None:
+        """Blocks this step estimates: on a scheduled refresh every block with a tensor
+        that requires grad (a frozen block keeps its state); otherwise the pending blocks
+        with gradients, when this step's forward pass was captured; ``None``: none."""
+        blocks = self.engine.blocks
+        if self.is_refresh_step:
+            return [bi for bi, b in enumerate(blocks) if _trainable(b)]
+        cap = self.engine.capture
+        if not (self._pending and cap.armed and cap.examples):
+            return None
+        slots = self.engine.slots
+        targets = [bi for bi in sorted(self._pending)
+                   if any(grads[i] is not None for i in slots[bi])]
+        return targets or None
 
     # -- the step ----------------------------------------------------------------------
     @property
@@ -242,31 +345,35 @@ class CurvatureOptimizer(Optimizer):
                 "optimizer.step() found no gradients: call loss.backward() before step()"
             )
         grads = [p.grad for p in params]
-        refresh = self.is_refresh_step
+        targets = self._refresh_targets(grads)
+        refresh = targets is not None  # a scheduled refresh, or a catch-up (see _pending)
         finite = all_finite([gr for gr in grads if gr is not None])
         estimates = None
         if finite and refresh:
-            estimates = self.engine.fresh_estimates(grads)
+            estimates = self.engine.fresh_estimates(grads, targets)
             finite = estimates is not None
         if not finite:
             self._skip()
             return loss
         self.engine.capture.gen_snapshot = None
+        left = self._left_out(grads)  # their state as it is before a refresh re-expresses it
         if refresh:
-            self._warn_missing(estimates)
+            self._warn_missing(estimates, targets)
             self._before_fold()
             self.engine.fold(estimates, self.rho)
+            self._pending.clear()  # a block that still got no data waits for eq. 20's refresh
         g = self._full_gradient(grads)
-        frozen = self._left_out(grads)
+        self._left = self._still_left_out(left, grads)
         steps = self._compute_step(g, refresh)
-        self._apply(steps, frozen)
+        self._apply(steps, self._left)
         self._after_step(g, steps, refresh)
-        self._restore_state(frozen)
+        self._restore_state(self._left)
         self._clipped = None
+        self._left = {}
         if refresh:
             self.engine.end_refresh()
         self.steps_taken += 1
-        self.engine.arm(self.is_refresh_step)
+        self._arm_next()
         return loss
 
     # -- tensors a step leaves out -----------------------------------------------------------
@@ -283,6 +390,15 @@ class CurvatureOptimizer(Optimizer):
                 if grads[i] is None or not ready[bi]:
                     out[i] = dict(self.state.get(self._params[i], {}))
         return out
+
+    def _still_left_out(self, left: dict[int, dict[str, Any]],
+                        grads: Sequence[Tensor | None]) -> dict[int, dict[str, Any]]:
+        """``left`` less the tensors whose block this step's refresh gave curvature."""
+        if not left:
+            return left
+        ready = self.engine.ready()
+        block_of = {i: bi for bi, slot in enumerate(self.engine.slots) for i in slot}
+        return {i: st for i, st in left.items() if grads[i] is None or not ready[block_of[i]]}
 
     def _apply(self, steps: Sequence[Tensor], frozen: dict[int, dict[str, Any]]) -> None:
         """``θ ← θ + s`` in each parameter's own dtype; left-out tensors take no step."""
@@ -301,10 +417,13 @@ class CurvatureOptimizer(Optimizer):
             else:
                 self.state.pop(p, None)
 
-    def _warn_missing(self, estimates: Sequence[dict[str, Tensor] | None]) -> None:
-        """One warning per optimizer when a refresh step found layers without data."""
-        missing = [b.name for b, est in zip(self.engine.blocks, estimates, strict=True)
-                   if est is None]
+    def _warn_missing(self, estimates: Sequence[dict[str, Tensor] | None],
+                      targets: Sequence[int]) -> None:
+        """One warning per optimizer when a scheduled refresh found trainable layers
+        without data (a catch-up refresh and frozen layers do not warn)."""
+        if not self.is_refresh_step:
+            return
+        missing = [self.engine.blocks[bi].name for bi in targets if estimates[bi] is None]
         if missing and not self._warned_missing:
             self._warned_missing = True
             warnings.warn(
@@ -380,6 +499,8 @@ class CurvatureOptimizer(Optimizer):
     def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor]:
         # one host sync per clip and fused (foreach) ops: no per-tensor float() calls
         lrs = [self._lr(i) for i in range(len(d))]
+        for i in self._left:  # left-out tensors take no step, nor part in the KL clip
+            lrs[i] = 0.0
         nu = 1.0
         if self.kl_clip is not None:
             dots = _dots(*self._kl_terms(d, u))
@@ -438,6 +559,8 @@ class CurvatureOptimizer(Optimizer):
             "generator": self.generator.get_state(),
             "curvature": self.engine.state_dict(),
             "rule": self._rule_state(),
+            "trainable": list(self._trainable),
+            "pending": sorted(self._pending),
         }
         return sd
 
@@ -454,8 +577,11 @@ class CurvatureOptimizer(Optimizer):
         self._load_generator(extra["generator"])
         self.engine.load_state_dict(extra["curvature"])
         self._load_rule_state(extra.get("rule", {}))
+        self._trainable = list(extra.get("trainable", [_trainable(b)
+                                                        for b in self.engine.blocks]))
+        self._pending = set(extra.get("pending", []))
         self.engine.arm(False)
-        self.engine.arm(self.is_refresh_step)
+        self._arm_next()
 
     def _load_generator(self, saved: Tensor) -> None:
         """Restore the label generator's state. A state saved by another device type's

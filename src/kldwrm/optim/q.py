@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_nonnegative
+from ..curvature.capture import widen
 from .base import CurvatureOptimizer
 
 Q_SOLVES = ("exact", "augmented")
@@ -73,10 +74,16 @@ class QKLDWRM(CurvatureOptimizer):
                                   list[Tensor] | None] | None = None
 
     def _ghat(self, g, wake):
-        """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis."""
-        if any(w is None for w in wake):  # the first step: ĝ_0 = g_0
+        """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis;
+        ``ĝ = g`` for a tensor without a wake yet (the first step, or a tensor that has
+        not been trained before: unfrozen, or added with its group)."""
+        if all(w is None for w in wake):  # the first step: ĝ_0 = g_0
             return list(g)
+        if any(w is None for w in wake):
+            wake = [torch.zeros_like(gi) if w is None else w
+                    for w, gi in zip(wake, g, strict=True)]
         coef = [self.rho * float(self.state[p]["prev_lr"]) / self._lr(i)  # ρ λ_k / λ_{k-1}
+                if "prev_lr" in self.state[p] else 0.0
                 for i, p in enumerate(self._params)]
         out = list(torch._foreach_mul(wake, coef))
         torch._foreach_add_(out, g)
@@ -93,11 +100,16 @@ class QKLDWRM(CurvatureOptimizer):
         return self._scales(e_of_lr=lambda lr: 1.0 + b * lr)
 
     def _map_wake(self, change_basis) -> None:
-        """Re-express the stored wake (if any) with ``engine.to/from_eigenbasis``."""
+        """Re-express the stored wake with ``engine.to/from_eigenbasis`` (a tensor without
+        one counts as zero in its block and stays without)."""
         wake = self._wake()
-        if all(w is not None for w in wake):
-            for p, w in zip(self._params, change_basis(wake), strict=True):
-                self.state[p]["wake"] = w
+        if all(w is None for w in wake):
+            return
+        full = [torch.zeros_like(p, dtype=widen(p.detach()).dtype) if w is None else w
+                for w, p in zip(wake, self._params, strict=True)]
+        for p, w, new in zip(self._params, wake, change_basis(full), strict=True):
+            if w is not None:
+                self.state[p]["wake"] = new
 
     def _in_eigenbasis(self) -> bool:
         """Whether the wake is kept in the eigenbasis of ``F̄``: unless some block keeps a

@@ -255,6 +255,10 @@ class QEKLDWRM(QKLDWRM):
         self._input_hook = net.register_forward_pre_hook(record, with_kwargs=True)
         self._output_hook = net.register_forward_hook(watch)
 
+    def _params_added(self, first: int) -> None:
+        names = {id(p): n for n, p in self.engine.model.named_parameters()}
+        self._names.extend(names[id(p)] for p in self._params[first:])
+
     # -- the current batch ---------------------------------------------------------------
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._internal or not torch.is_grad_enabled() or _inside_functorch_transform():
@@ -309,9 +313,10 @@ class QEKLDWRM(QKLDWRM):
             st = self.state[p]
             buf = st.get("qe_window")
             if buf is None:
-                buf = st["qe_window"] = torch.zeros(
-                    (self.window, *p.shape), dtype=p.dtype, device=p.device
-                )
+                if not p.requires_grad:
+                    continue  # frozen: its current value stands for every stored iterate
+                # every earlier iterate had the current value (the tensor was not trained)
+                buf = st["qe_window"] = p.detach().expand(self.window, *p.shape).clone()
             buf[slot].copy_(p.detach())
         self.iterates_stored += 1
 
@@ -322,7 +327,8 @@ class QEKLDWRM(QKLDWRM):
         out = []
         for j in range(n):
             slot = (newest - j) % self.window
-            out.append([self.state[p]["qe_window"][slot].clone() for p in self._params])
+            out.append([self.state[p]["qe_window"][slot].clone() if "qe_window" in self.state[p]
+                        else p.detach().clone() for p in self._params])
         return out
 
     def _slot_weights(self) -> list[float]:
@@ -397,6 +403,7 @@ class QEKLDWRM(QKLDWRM):
             for _ in range(self.inner_steps):
                 if self.model_curvature != 0.0:
                     d = self.engine.matvec(s, scales)  # (B_k + λ_k γ I) s
+                    self._zero_left(d)  # (a block without curvature passes s through)
                     torch._foreach_add_(d, g)
                 else:
                     d = list(torch._foreach_mul(s, tikhonov))  # λ_k γ s
@@ -406,6 +413,7 @@ class QEKLDWRM(QKLDWRM):
                     all_reduce_mean_(kl_grad)
                     for di, ki, c in zip(d, kl_grad, coef, strict=True):
                         di.add_(ki, alpha=c)
+                self._zero_left(d)  # tensors this step leaves out stay where they are
                 if self.block_clip is not None:
                     self._block_clip_(d)
                 if self.inner_momentum != 0.0:
@@ -417,6 +425,10 @@ class QEKLDWRM(QKLDWRM):
                     d = buf
                 torch._foreach_add_(s, d, alpha=-self.inner_lr)
         return s
+
+    def _zero_left(self, d: list[Tensor]) -> None:
+        for i in self._left:
+            d[i] = torch.zeros_like(d[i])
 
     def _block_clip_(self, d: list[Tensor]) -> None:
         """Per-tensor ``d ← min(1, block_clip / RMS(d)) d`` (DESIGN section 3)."""
@@ -453,7 +465,10 @@ class QEKLDWRM(QKLDWRM):
     ) -> tuple[list[Tensor], list[int]]:
         """Outputs of every stored iterate on every recorded call, shape ``(W, N, ...)``."""
         stacked = {n: self.state[p]["qe_window"] for n, p in zip(self._names, self._params,
-                                                                   strict=True)}
+                                                                   strict=True)
+                   if "qe_window" in self.state[p]}
+        rest = {**rest, **{n: p.detach() for n, p in zip(self._names, self._params, strict=True)
+                           if n not in stacked}}
         outs = []
         with warnings.catch_warnings():
             # a reentrant checkpoint in the model, run here under no_grad, warns of that
