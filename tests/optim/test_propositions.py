@@ -28,12 +28,6 @@ DAMPING, WD = 1e-2, 1e-3
 STEPS = 26
 
 
-@pytest.fixture(scope="module")
-def small_mnist(mnist):
-    x = F.avg_pool2d(mnist.x_train[:256].double(), 4).flatten(1)  # 49 pixels
-    return x, mnist.y_train[:256]
-
-
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(49, 6), nn.Tanh(), nn.Linear(6, 10)).double()

@@ -250,6 +250,8 @@ PATTERNS: dict[str, Pattern] = {
                                                          lr_lambda=lambda k: 1 / (1 + k / 20))),
     "one-cycle-lr": Pattern(_mlp, _vec(6), scheduler=_sched(
         lr_scheduler.OneCycleLR, max_lr=0.05, total_steps=STEPS, cycle_momentum=False)),
+    "one-cycle-lr-with-momentum": Pattern(_mlp, _vec(6), scheduler=_sched(  # μ 0.85-0.95
+        lr_scheduler.OneCycleLR, max_lr=0.005, total_steps=STEPS)),
     "cyclic-lr": Pattern(_mlp, _vec(6), scheduler=_sched(
         lr_scheduler.CyclicLR, base_lr=0.01, max_lr=0.05, step_size_up=5,
         cycle_momentum=False)),

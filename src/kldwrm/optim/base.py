@@ -164,6 +164,9 @@ class CurvatureOptimizer(Optimizer):
             alone, its block keeping its state, and is trained from its first gradient once
             it is turned on); each group may set its own ``lr``, ``weight_decay``,
             ``damping``; :meth:`add_param_group` adds groups later.
+        momentum: μ in [0, 1), a param-group key (schedulers such as ``OneCycleLR``
+            cycle it): the step taken is ``s_k = μ s_{k-1} + c_k``, ``c_k`` the rule's
+            clipped step (Martens & Grosse 2015, section 7; ``docs/theory.md``).
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
@@ -188,7 +191,9 @@ class CurvatureOptimizer(Optimizer):
         output: OutputSelector = None,
         params: Iterable[Any] | None = None,
         seed: int | None = None,
+        momentum: float = 0.0,
     ) -> None:
+        check_unit_interval("momentum", momentum)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
                          fisher=fisher, likelihood=likelihood, curvature=curvature,
@@ -200,7 +205,8 @@ class CurvatureOptimizer(Optimizer):
         params = list(params)
         if not params:
             raise ValueError("the model has no parameters to optimize")
-        super().__init__(params, dict(lr=lr, damping=damping, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, damping=damping, weight_decay=weight_decay,
+                                      momentum=momentum))
         self.rho = rho
         self.kl_clip = kl_clip
         self.block_clip = block_clip
@@ -243,6 +249,7 @@ class CurvatureOptimizer(Optimizer):
         check_positive(f"param_groups[{i}]['lr']", group["lr"])
         check_nonnegative(f"param_groups[{i}]['damping']", group["damping"])
         check_nonnegative(f"param_groups[{i}]['weight_decay']", group["weight_decay"])
+        check_unit_interval(f"param_groups[{i}]['momentum']", group["momentum"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as ``torch.optim`` does (a tensor already in a group is a
@@ -364,7 +371,7 @@ class CurvatureOptimizer(Optimizer):
             self._pending.clear()  # a block that still got no data waits for eq. 20's refresh
         g = self._full_gradient(grads)
         self._left = self._still_left_out(left, grads)
-        steps = self._compute_step(g, refresh)
+        steps = self._with_momentum(self._compute_step(g, refresh))
         self._apply(steps, self._left)
         self._after_step(g, steps, refresh)
         self._restore_state(self._left)
@@ -522,6 +529,26 @@ class CurvatureOptimizer(Optimizer):
         self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
         self._clipped = torch._foreach_mul(list(d), self._step_factors)
         return self._clipped
+
+    def _with_momentum(self, steps: list[Tensor]) -> list[Tensor]:
+        """``s_k = μ s_{k-1} + c_k`` per tensor (Martens & Grosse 2015, section 7: the new
+        update plus μ times the previous one), with ``c_k`` the rule's clipped step and
+        ``μ`` the group's ``momentum``; ``steps`` itself when every group has ``μ = 0``.
+        The buffer (``state[p]["momentum_buffer"]``) is the previous step taken, so the
+        rules' recursions, which use the step taken, see the momentum."""
+        mus = [g.get("momentum", 0.0) for g in self.param_groups]  # (saved before 0.3)
+        if not any(mus):
+            return steps
+        out = list(steps)
+        for i, p in enumerate(self._params):
+            mu = mus[self._group_of[i]]
+            if mu == 0.0 or i in self._left:
+                continue
+            st = self.state[p]
+            buf = st.get("momentum_buffer")
+            out[i] = steps[i].clone() if buf is None else steps[i].add(buf, alpha=mu)
+            st["momentum_buffer"] = out[i]
+        return out
 
     def _scales(self, e_of_lr: Callable[[float], float] = lambda lr: 1.0,
                 f_of_lr: Callable[[float], float] = lambda lr: 0.0) -> list[Scales]:
