@@ -16,6 +16,7 @@ from .dense import DenseBlock
 from .diagonal import DiagonalBlock
 from .engine import CURVATURES, DENSE_SCOPES, CurvatureEngine, unwrap
 from .linalg import CurvatureError, sym_eig
+from .transposed import TransposedConvBlock
 
 __all__ = [
     "BIAS_MODES",
@@ -32,6 +33,7 @@ __all__ = [
     "FISHER_TYPES",
     "KroneckerBlock",
     "LIKELIHOODS",
+    "TransposedConvBlock",
     "kronecker_supported",
     "sym_eig",
     "unwrap",

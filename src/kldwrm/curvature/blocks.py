@@ -403,7 +403,7 @@ class BiasBlock(FactoredBlock):
         positions (each its own example, ignored ones dropped), else summed over the
         dimensions after the batch dimension."""
         delta = delta.to(self.dtype)
-        if isinstance(self.module, _ConvNd):
+        if isinstance(self.module, _SPATIAL):
             return delta.reshape(delta.shape[0], delta.shape[1], -1).sum(-1)
         if capture.aligned(call, delta.shape[:-1]):
             rows = delta.reshape(-1, delta.shape[-1])
@@ -441,16 +441,31 @@ class BiasBlock(FactoredBlock):
 
 
 _ConvNd = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ConvTransposeNd = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: layers whose bias is shared by every spatial position of their output
+_SPATIAL = (*_ConvNd, *_ConvTransposeNd)
 
 
 def kronecker_supported(module: nn.Module) -> bool:
     """Whether a module gets a Kronecker block (else its tensors get diagonal blocks).
 
-    ``nn.Linear`` (inputs with any number of leading dimensions) and ``nn.Conv1d/2d/3d``
-    with ``groups == 1`` (any kernel, stride, dilation, padding and padding mode).
+    ``nn.Linear`` (inputs with any number of leading dimensions), ``nn.Conv1d/2d/3d``
+    with ``groups == 1`` (any kernel, stride, dilation, padding and padding mode), and
+    ``nn.ConvTranspose1d/2d/3d`` with ``groups == 1`` and ``output_padding < stride``
+    (:class:`~kldwrm.curvature.transposed.TransposedConvBlock`).
+
+    Grouped layers would need one Kronecker product per group (each group's input
+    channels meet only its own output channels), which the block does not represent. An
+    ``output_padding`` of at least the stride (allowed below the dilation) gives the
+    output-gradient windows more positions than the input has, and which of them are the
+    input's cannot be told from the output gradient's shape alone (``output_size`` in the
+    forward call changes it), so such layers get diagonal blocks.
     """
     if isinstance(module, nn.Linear):
         return True
+    if isinstance(module, _ConvTransposeNd):
+        return module.groups == 1 and all(
+            op < s for op, s in zip(module.output_padding, module.stride, strict=True))
     return isinstance(module, _ConvNd) and module.groups == 1
 
 

@@ -1,8 +1,8 @@
 """The curvature engine: one object that every step rule shares.
 
-It builds the block-diagonal curvature of a model (Kronecker blocks for ``nn.Linear`` and
-``nn.Conv2d``, diagonal blocks for every other trainable tensor, or dense blocks in
-research mode), arms the capture hooks on refresh steps only, folds fresh estimates into
+It builds the block-diagonal curvature of a model (Kronecker blocks for ``nn.Linear``,
+``nn.ConvNd`` and ``nn.ConvTransposeNd``, diagonal blocks for every other tensor, or dense
+blocks in research mode), arms the capture hooks on refresh steps only, folds fresh estimates into
 the exponential average (eqs. 12-13, with infrequent updates as in eq. 20), and maps
 parameter-shaped vectors through the damped solves and matrix-vector products.
 """
@@ -21,12 +21,14 @@ from .blocks import (
     Block,
     FactoredBlock,
     KroneckerBlock,
+    _ConvTransposeNd,
     kronecker_supported,
 )
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
 from .linalg import all_finite
+from .transposed import TransposedConvBlock
 
 
 def _warn_shared(module_name: str) -> None:
@@ -40,6 +42,17 @@ def _warn_shared(module_name: str) -> None:
 
 
 CURVATURES = ("kron", "dense")
+
+
+def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
+                      ) -> list[FactoredBlock]:
+    """A Kronecker layer's blocks: its weight's (with the bias as a homogeneous coordinate
+    where the block takes it) and, for a bias outside that block, the bias's own."""
+    cls = TransposedConvBlock if isinstance(m, _ConvTransposeNd) else KroneckerBlock
+    block = cls(m, name, bias=bias, rank=rank)
+    if m.bias is None or block.has_bias:
+        return [block]
+    return [block, BiasBlock(m, f"{name}.bias", rank=rank)]
 
 
 def _wide(p: Tensor) -> torch.dtype:
@@ -183,9 +196,7 @@ class CurvatureEngine:
                     _warn_shared(mname)  # its bias, if not shared too, gets a diagonal block
                 continue
             if all(id(p) in index for p in own):
-                out.append(KroneckerBlock(m, mname, bias=self.bias, rank=self.rank))
-                if m.bias is not None and self.bias == "separate":
-                    out.append(BiasBlock(m, f"{mname}.bias", rank=self.rank))
+                out.extend(_kronecker_blocks(m, mname, self.bias, self.rank))
                 covered.update(id(p) for p in own)
         return out
 
