@@ -130,6 +130,7 @@ def _equivalence_worker(rank: int, world: int, port: int, out: str) -> None:
         for name in ("kfac", "q"):
             result[f"mc-{name}"] = _run(name, "mc", rank, world)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # see _skipping_worker
     finally:
         dist.destroy_process_group()
 
@@ -216,6 +217,9 @@ def _skipping_worker(rank: int, world: int, port: int, out: str, fisher: str) ->
             opt.step()
         torch.save({"curvature": opt.engine.state_dict(), "steps": opt.steps_taken},
                    os.path.join(out, f"rank{rank}.pt"))
+        # every rank done before gloo is torn down: a group destroyed while the other
+        # rank's last collective is in flight can abort the process (std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .eigen import EigenMoments, example_moments
 from .kron import EXACT_SOLVE_RTOL, KroneckerFactors
 from .linalg import CurvatureError
 from .statistics import conv_column_blocks, gram
@@ -174,6 +175,9 @@ class FactoredBlock(Block):
         self.factors = KroneckerFactors(name, rank)
         #: dtype of the factors: at least float32, whatever the activations' dtype
         self.dtype = torch.promote_types(module.weight.dtype, torch.float32)
+        #: measured eigenvalues (``curvature="ekfac"``/``"adaptive"``, :mod:`.eigen`);
+        #: ``None``: K-FAC's ``dΓ dAᵀ``
+        self.moments: EigenMoments | None = None
 
     # the factor pair, for tests and step rules that inspect it
     A_bar = property(lambda self: self.factors.A_bar)
@@ -205,9 +209,39 @@ class FactoredBlock(Block):
 
     def drop_fresh(self) -> None:
         self.factors.drop_fresh()
+        if self.moments is not None:
+            self.moments.drop_fresh()
 
     def keep_average(self) -> None:
         self.factors.keep_average()
+        if self.moments is not None:
+            self.moments.drop_fresh()
+
+    # -- measured eigenvalues (curvature="ekfac" / "adaptive") -------------------------------
+    def example_rows(self, capture) -> tuple[Tensor, Tensor, float] | None:
+        """``(rows of ā, rows of δ, N)`` of the same examples, for EKFAC's per-example
+        moments; ``None`` where the block cannot pair them (the default)."""
+        return None
+
+    def example_moments(self, capture) -> tuple[Tensor, float]:
+        """EKFAC's ``S`` of this refresh in the new eigenbasis (:func:`.eigen.example_moments`)
+        and its weight across ranks (the examples): K-FAC's ``dΓ dAᵀ`` (its value under
+        independence) with weight 1 where rows cannot be paired, zeros with weight 0 where
+        this rank has no data."""
+        f = self.factors
+        if not self._has_data(capture):
+            return torch.zeros_like(torch.outer(f.evals_G, f.evals_A)), 0.0
+        rows = self.example_rows(capture)
+        if rows is None:
+            return torch.outer(f.evals_G, f.evals_A).clamp_min_(0.0), 1.0
+        return example_moments(rows[0], rows[1], f.evecs_A, f.evecs_G, rows[2]), rows[2]
+
+    def fold_moments(self, S: Tensor, rho: float) -> None:
+        self.moments.fold(S, rho)
+
+    def observe(self, vecs: Sequence[Tensor]) -> None:
+        """``"adaptive"``: fold this step's gradient, in the eigenbasis, into ``S̄``."""
+        self.moments.observe(self.factors.rotate(self._to_mat(vecs)))
 
     def _factor_sizes(self) -> tuple[int, int]:
         """``(in, out)``: the sizes of ``A`` and ``Γ``."""
@@ -223,6 +257,9 @@ class FactoredBlock(Block):
             d = self.factors.eig_grid(ea_scale, damping)
             return d, self._from_mat(d)
 
+        if self.moments is not None:  # measured eigenvalues change without a refresh
+            d = self.moments.diag(ea_scale, 0.0, damping)
+            return d, self._from_mat(d)
         return self.factors.cached(("grid-tensors", float(ea_scale), float(damping)), make)
 
     def _check_exact(self) -> None:
@@ -249,22 +286,33 @@ class FactoredBlock(Block):
     def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
         self._check_ready()
         V = self._to_mat(vecs)
+        f = self.factors
+        if self.moments is not None:  # every system is diagonal in the eigenbasis
+            D = self.moments.diag(ea_scale, fresh_scale, damping)
+            return self._from_mat(f.unrotate(f.rotate(V) / D))
         if fresh_scale == 0.0 and self.exact:  # exact in the eigenbasis (eq. 19)
-            f = self.factors
             return self._from_mat(f.unrotate(f.rotate(V) / self._grid(ea_scale, damping)[0]))
         out = self.factors.solve(V, damping, ea_scale, fresh_scale, method)
         self.last_residual = self.factors.last_residual
         return self._from_mat(out)
 
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
+        if self.moments is not None:
+            f, D = self.factors, self.moments.diag(ea_scale, fresh_scale, damping)
+            return self._from_mat(f.unrotate(f.rotate(self._to_mat(vecs)) * D))
         return self._from_mat(self.factors.matvec(self._to_mat(vecs), damping, ea_scale,
                                                   fresh_scale))
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.factors.state_dict()
+        out = self.factors.state_dict()
+        if self.moments is not None:
+            out.update(self.moments.state_dict())
+        return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.factors.load_state_dict(state, self.params[0].device)
+        if self.moments is not None:
+            self.moments.load_state_dict(state, self.params[0].device)
         self.initialized = self.factors.initialized
 
 
@@ -354,6 +402,31 @@ class KroneckerBlock(FactoredBlock):
         if not self._has_data(capture):
             return None
         return {"A": self._input_factor(capture)[0], "G": self._output_factor(capture)[0]}
+
+    def example_rows(self, capture):
+        """A linear layer's rows ``ā`` and ``δ`` of each use, paired by call (a call's
+        output gradients arrive in the reverse order of its uses); ``None`` for a
+        convolution (its examples sum over positions) or uses that cannot be paired."""
+        if isinstance(self.module, _ConvNd):
+            return None
+        ins = list(zip(capture.inputs[self.module], capture.input_calls[self.module],
+                       strict=True))
+        outs = list(zip(capture.deltas[self.module], capture.delta_calls[self.module],
+                        strict=True))
+        rows_A, rows_G, n = [], [], 0.0
+        for call in sorted({c for _, c in ins}):
+            xs = [x for x, c in ins if c == call]
+            ds = [d for d, c in outs if c == call][::-1]
+            if len(xs) != len(ds):
+                return None
+            for x, d in zip(xs, ds, strict=True):
+                if x.shape[:-1] != d.shape[:-1]:
+                    return None
+                rows = self._rows(capture, x, call)
+                rows_A.append(next(iter(self._column_blocks(x, rows))).T)
+                rows_G.append(self._delta_columns(d, rows).T * capture.delta_scale())
+                n += capture.examples[call]
+        return torch.cat(rows_A), torch.cat(rows_G), n
 
     def distributed_fresh(self, capture, grads):
         """``A`` weighted by this rank's examples, ``Γ`` by its rows of ``δ``."""

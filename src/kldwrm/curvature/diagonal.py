@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .blocks import Block
 from .capture import widen
+from .eigen import EigenMoments
 from .kron import ea_update
 
 
@@ -16,7 +17,9 @@ class DiagonalBlock(Block):
     The fresh estimate is ``N·ḡ²`` with ``ḡ`` the batch-mean gradient (of the sampled-label
     loss for ``fisher="mc"``, of the training loss for ``"empirical"``): for zero-mean
     per-example scores ``E[N ḡ²] = diag(F)``, so it estimates the Fisher diagonal without
-    per-example gradients.
+    per-example gradients. With measured eigenvalues (:mod:`.eigen`; the standard basis is
+    this block's eigenbasis) the metric is that estimate to the ``power`` (``"ekfac"``) or
+    the running second moment of the step's gradient (``"adaptive"``: Adam's).
     """
 
     kind = "diagonal"
@@ -25,6 +28,7 @@ class DiagonalBlock(Block):
         super().__init__([param], name)
         self.F_bar: Tensor | None = None
         self.F_fresh: Tensor | None = None
+        self.moments: EigenMoments | None = None
 
     def fresh(self, capture, grads):
         p = self.params[0]
@@ -76,15 +80,27 @@ class DiagonalBlock(Block):
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.F_fresh = fresh["F"]
         self.F_bar = ea_update(self.F_bar, fresh["F"], rho)
+        if self.moments is not None and self.moments.mode == "ekfac":
+            self.moments.fold(fresh["F"], rho)
         self.initialized = True
+
+    def observe(self, vecs) -> None:
+        """``"adaptive"``: fold this step's gradient into the running second moment."""
+        self.moments.observe(vecs[0])
 
     def drop_fresh(self) -> None:
         self.F_fresh = None
+        if self.moments is not None:
+            self.moments.drop_fresh()
 
     def keep_average(self) -> None:
         self.F_fresh = self.F_bar
+        if self.moments is not None:
+            self.moments.drop_fresh()
 
     def _diag(self, damping: float, e: float, f: float) -> Tensor:
+        if self.moments is not None:
+            return self.moments.diag(e, f, damping)
         d = self.F_bar * e + damping
         if f != 0.0:
             d = d + f * self.F_fresh
@@ -109,9 +125,14 @@ class DiagonalBlock(Block):
         return [self._diag(damping, ea_scale, 0.0)]
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {} if self.F_bar is None else {"F_bar": self.F_bar}
+        out = {} if self.F_bar is None else {"F_bar": self.F_bar}
+        if self.moments is not None:
+            out.update(self.moments.state_dict())
+        return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.moments is not None:
+            self.moments.load_state_dict(state, self.params[0].device)
         self.F_bar = state.get("F_bar")
         if self.F_bar is not None:
             self.F_bar = self.F_bar.to(self.params[0].device)

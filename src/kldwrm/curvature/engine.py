@@ -27,6 +27,7 @@ from .blocks import (
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
+from .eigen import CORRECTED, EigenMoments
 from .linalg import all_finite
 from .transposed import TransposedConvBlock
 
@@ -41,7 +42,9 @@ def _warn_shared(module_name: str) -> None:
     )
 
 
-CURVATURES = ("kron", "dense")
+#: ``"kron"``: K-FAC's eigenvalues; ``"ekfac"``/``"adaptive"``: measured in K-FAC's
+#: eigenbasis (:mod:`.eigen`); ``"dense"``: the full Fisher (research mode)
+CURVATURES = ("kron", "ekfac", "adaptive", "dense")
 
 
 def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
@@ -112,8 +115,13 @@ class CurvatureEngine:
         rank: int | None = None,
         generator: torch.Generator | None = None,
         output: OutputSelector = None,
+        eigen_beta: float = 0.95,
+        eigen_power: float = 1.0,
     ) -> None:
         self.root = model
+        #: decay and power of the measured eigenvalues (``curvature`` in ``CORRECTED``)
+        self.eigen_beta = eigen_beta
+        self.eigen_power = eigen_power
         self.model = unwrap(model)
         self.fisher = fisher
         self.likelihood = likelihood
@@ -153,6 +161,9 @@ class CurvatureEngine:
             new = self._kron_blocks(index)
         covered = {id(p) for b in new for p in b.params}
         new += [DiagonalBlock(p, names[id(p)]) for p in params if id(p) not in covered]
+        if self.curvature in CORRECTED:
+            for b in new:
+                b.moments = EigenMoments(self.curvature, self.eigen_beta, self.eigen_power)
         first = len(self.blocks)
         self.blocks.extend(new)
         self.slots.extend([index[id(p)] for p in b.params] for b in new)
@@ -255,6 +266,35 @@ class CurvatureEngine:
                 b.keep_average()
             else:
                 b.fold(est, rho)
+        if self.curvature == "ekfac":
+            self._fold_example_moments(estimates, rho)
+
+    def _fold_example_moments(self, estimates: Sequence[dict[str, Tensor] | None],
+                              rho: float) -> None:
+        """EKFAC: per-example second moments in the new eigenbasis of each Kronecker block
+        with data (:meth:`FactoredBlock.example_moments`), averaged over ranks by examples."""
+        chosen = [b for b, est in zip(self.blocks, estimates, strict=True)
+                  if est is not None and isinstance(b, FactoredBlock)]
+        stats, weights = [], []
+        for b in chosen:
+            S, weight = b.example_moments(self.capture)
+            stats.append({"S": S})
+            weights.append({"S": weight})
+        if is_distributed():
+            all_reduce_weighted_(stats, weights)
+        for b, st in zip(chosen, stats, strict=True):
+            b.fold_moments(st["S"], rho)
+
+    def observe(self, grads: Sequence[Tensor], skip: Sequence[int] = ()) -> None:
+        """``curvature="adaptive"``: fold this step's gradient into each block's running
+        second moments in its eigenbasis (blocks with curvature, none of whose tensors is in
+        ``skip``, the positions of tensors the step leaves out)."""
+        if self.curvature != "adaptive":
+            return
+        left = set(skip)
+        for b, slot in zip(self.blocks, self.slots, strict=True):
+            if b.initialized and not left.intersection(slot):
+                b.observe([grads[i] for i in slot])
 
     def diagonalizable(self) -> bool:
         """Whether every block with curvature has a complete eigenbasis (no rank truncation),

@@ -113,6 +113,17 @@ def _check_arguments(model: Any, *, lr: float, rho: float, damping: float,
             "fisher='exact' is only available with curvature='dense'; "
             "use fisher='mc' or 'empirical' with Kronecker curvature"
         )
+    if rank is not None and curvature in ("ekfac", "adaptive"):
+        raise ValueError(
+            f"rank needs curvature='kron': curvature={curvature!r} measures the eigenvalues "
+            "in a complete eigenbasis"
+        )
+
+
+def _check_eigen(eigen_beta: float, eigen_power: float) -> None:
+    check_unit_interval("eigen_beta", eigen_beta)
+    if not 0.0 < eigen_power <= 1.0:
+        raise ValueError(f"eigen_power must be in (0, 1], got {eigen_power!r}")
 
 
 class NonFiniteGradientWarning(RuntimeWarning):
@@ -141,7 +152,11 @@ class CurvatureOptimizer(Optimizer):
         likelihood: ``"categorical"`` (softmax classification) or ``"gaussian"``
             (unit-variance regression, eq. 32).
         block_clip: per-tensor RMS clip of the preconditioned direction (``None`` off).
-        curvature: ``"kron"`` (K-FAC blocks) or ``"dense"`` (full Fisher; small models).
+        curvature: ``"kron"`` (K-FAC blocks), ``"ekfac"`` (K-FAC's eigenbasis with the
+            per-example second moments of the gradient as eigenvalues, refreshed with it;
+            George et al. 2018), ``"adaptive"`` (that basis with the running second
+            moments of the step's gradient, updated every step: SOAP's idea) or
+            ``"dense"`` (full Fisher; small models). See :mod:`kldwrm.curvature.eigen`.
         dense_scope: with ``curvature="dense"``, one block for the ``"model"`` or one per
             ``"layer"`` (module).
         bias: how a layer's bias enters its Kronecker block: ``"homogeneous"`` (an extra
@@ -167,6 +182,10 @@ class CurvatureOptimizer(Optimizer):
         momentum: μ in [0, 1), a param-group key (schedulers such as ``OneCycleLR``
             cycle it): the step taken is ``s_k = μ s_{k-1} + c_k``, ``c_k`` the rule's
             clipped step (Martens & Grosse 2015, section 7; ``docs/theory.md``).
+        eigen_beta: β in [0, 1), the decay of ``"adaptive"``'s running second moments.
+        eigen_power: p in (0, 1]: with ``"ekfac"``/``"adaptive"`` the metric is the measured
+            diagonal to the power p (1: the Fisher; ½: Adam's and SOAP's, with ``damping``
+            as their ε).
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
@@ -192,8 +211,11 @@ class CurvatureOptimizer(Optimizer):
         params: Iterable[Any] | None = None,
         seed: int | None = None,
         momentum: float = 0.0,
+        eigen_beta: float = 0.95,
+        eigen_power: float = 1.0,
     ) -> None:
         check_unit_interval("momentum", momentum)
+        _check_eigen(eigen_beta, eigen_power)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
                          fisher=fisher, likelihood=likelihood, curvature=curvature,
@@ -224,7 +246,7 @@ class CurvatureOptimizer(Optimizer):
         self.engine = CurvatureEngine(
             model, self._params, fisher=fisher, likelihood=likelihood, curvature=curvature,
             dense_scope=dense_scope, bias=bias, rank=rank, generator=self.generator,
-            output=output,
+            output=output, eigen_beta=eigen_beta, eigen_power=eigen_power,
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
             block.group = self._group_of[slot[0]]
@@ -371,6 +393,7 @@ class CurvatureOptimizer(Optimizer):
             self._pending.clear()  # a block that still got no data waits for eq. 20's refresh
         g = self._full_gradient(grads)
         self._left = self._still_left_out(left, grads)
+        self.engine.observe(g, list(self._left))
         steps = self._with_momentum(self._compute_step(g, refresh))
         self._apply(steps, self._left)
         self._after_step(g, steps, refresh)
