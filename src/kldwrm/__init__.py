@@ -8,7 +8,7 @@ Implements Puiu, *Rethinking Exponential Averaging of the Fisher* (ECML PKDD 202
 """
 
 from .curvature import CurvatureError
-from .factory import OPTIMIZERS, PAPER_SETTINGS, make_optimizer
+from .factory import OPTIMIZERS, PAPER_SETTINGS, PRESETS, TRANSFORMER_SETTINGS, make_optimizer
 from .optim import (
     KFAC,
     QKLDWRM,
@@ -24,6 +24,8 @@ __all__ = [
     "KFAC",
     "OPTIMIZERS",
     "PAPER_SETTINGS",
+    "PRESETS",
+    "TRANSFORMER_SETTINGS",
     "QKLDWRM",
     "SOKLDWRM",
     "CurvatureError",

@@ -145,3 +145,30 @@ def test_the_model_is_causal(char_lm):
     assert a.shape == (2, 8, 11)
     torch.testing.assert_close(a[:, :5], b[:, :5])
     assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_setting_builds_with_make_optimizer_and_is_the_transformer_preset(char_lm, name):
+    import kldwrm
+
+    model = char_lm.build_model(20, d_model=16, n_heads=2, n_layers=1, context=8)
+    opt = kldwrm.make_optimizer(name, model, **char_lm.SETTINGS[name])
+    preset = kldwrm.make_optimizer(name, model, preset="transformer")
+    assert opt.defaults == preset.defaults
+    for attr in ("rho", "kl_clip", "update_freq", "block_clip"):
+        assert getattr(opt, attr, None) == getattr(preset, attr, None)
+    x = torch.randint(0, 20, (3, 8))
+    for _ in range(3):  # the ordinary loop
+        opt.zero_grad()
+        char_lm.lm_loss(model(x), x).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_unknown_preset_names_the_argument(char_lm):
+    import kldwrm
+
+    with pytest.raises(ValueError, match="preset"):
+        kldwrm.make_optimizer("kfac", char_lm.build_model(20, d_model=16, n_heads=2,
+                                                          n_layers=1, context=8),
+                              preset="gpt")

@@ -178,6 +178,9 @@ class FactoredBlock(Block):
         #: measured eigenvalues (``curvature="ekfac"``/``"adaptive"``, :mod:`.eigen`);
         #: ``None``: K-FAC's ``dΓ dAᵀ``
         self.moments: EigenMoments | None = None
+        #: ``"adaptive"``: the tensors observed this step and their rotation (reused by a
+        #: solve or rotation of the same tensors, e.g. K-FAC's of the gradient)
+        self._observed: tuple[list[Tensor], Tensor] | None = None
 
     # the factor pair, for tests and step rules that inspect it
     A_bar = property(lambda self: self.factors.A_bar)
@@ -205,6 +208,7 @@ class FactoredBlock(Block):
 
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.factors.fold(fresh["A"], fresh["G"], rho)
+        self._observed = None  # a new basis
         self.initialized = True
 
     def drop_fresh(self) -> None:
@@ -241,7 +245,17 @@ class FactoredBlock(Block):
 
     def observe(self, vecs: Sequence[Tensor]) -> None:
         """``"adaptive"``: fold this step's gradient, in the eigenbasis, into ``S̄``."""
-        self.moments.observe(self.factors.rotate(self._to_mat(vecs)))
+        rotated = self.factors.rotate(self._to_mat(vecs))
+        self.moments.observe(rotated)
+        self._observed = (list(vecs), rotated)
+
+    def _rotated(self, vecs: Sequence[Tensor]) -> Tensor:
+        """``QΓᵀ V QA`` of ``vecs``, reusing :meth:`observe`'s when they are the same tensors."""
+        seen = self._observed
+        if seen is not None and len(seen[0]) == len(vecs) and all(
+                a is b for a, b in zip(seen[0], vecs, strict=True)):
+            return seen[1]
+        return self.factors.rotate(self._to_mat(vecs))
 
     def _factor_sizes(self) -> tuple[int, int]:
         """``(in, out)``: the sizes of ``A`` and ``Γ``."""
@@ -269,7 +283,7 @@ class FactoredBlock(Block):
 
     def to_eigenbasis(self, vecs):
         self._check_exact()
-        return self._from_mat(self.factors.rotate(self._to_mat(vecs)))
+        return self._from_mat(self._rotated(vecs))
 
     def from_eigenbasis(self, coords):
         self._check_exact()
@@ -285,11 +299,11 @@ class FactoredBlock(Block):
 
     def solve(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0, method="exact"):
         self._check_ready()
-        V = self._to_mat(vecs)
         f = self.factors
         if self.moments is not None:  # every system is diagonal in the eigenbasis
             D = self.moments.diag(ea_scale, fresh_scale, damping)
-            return self._from_mat(f.unrotate(f.rotate(V) / D))
+            return self._from_mat(f.unrotate(self._rotated(vecs) / D))
+        V = self._to_mat(vecs)
         if fresh_scale == 0.0 and self.exact:  # exact in the eigenbasis (eq. 19)
             return self._from_mat(f.unrotate(f.rotate(V) / self._grid(ea_scale, damping)[0]))
         out = self.factors.solve(V, damping, ea_scale, fresh_scale, method)
@@ -311,6 +325,7 @@ class FactoredBlock(Block):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.factors.load_state_dict(state, self.params[0].device)
+        self._observed = None
         if self.moments is not None:
             self.moments.load_state_dict(state, self.params[0].device)
         self.initialized = self.factors.initialized
