@@ -30,7 +30,7 @@ _ADAPTIVE = dict(curvature="adaptive", eigen_power=0.5, eigen_beta=0.95, damping
 #: recommended settings for transformers (README "Transformers"): K-FAC's eigenbasis with
 #: Adam's metric measured in it every step (``curvature="adaptive"``, ``eigen_power=0.5``,
 #: the damping as Adam's ε), no KL clip. Tuned on ``examples/char_lm.py`` at seed 0 only
-#: (600 steps; docs/benchmarks.md): K-FAC and SO with momentum 0.9, Q without (its wake
+#: (600 steps; docs/lm_benchmark.md): K-FAC and SO with momentum 0.9, Q without (its wake
 #: uses the step taken, so momentum's overshoot is pulled back: 2.03 with 0.9 against
 #: 1.44 without), each rule's ρ as the paper's except Q's (0.33 beat 0.5: 1.71 against
 #: 1.84 at step 300).

@@ -53,6 +53,8 @@ class EigenMoments:
         self.S_fresh: Tensor | None = None
         #: observations folded in (adaptive: the ``t`` of the bias correction)
         self.moment_count: Tensor | None = None
+        #: ``S̄^p`` (bias-corrected), computed once per update of ``S̄``
+        self._metric_bar: Tensor | None = None
 
     @property
     def ready(self) -> bool:
@@ -69,6 +71,7 @@ class EigenMoments:
         else:
             self.S_bar = self.S_bar.mul(rho).add_(S, alpha=1.0 - rho)
         self.moment_count = torch.tensor(self._count() + 1)
+        self._metric_bar = None
 
     def observe(self, G: Tensor) -> None:
         """``"adaptive"``: one step's gradient ``G`` in the eigenbasis."""
@@ -79,6 +82,7 @@ class EigenMoments:
         else:
             self.S_bar.mul_(self.beta).add_(sq, alpha=1.0 - self.beta)
         self.moment_count = torch.tensor(self._count() + 1)
+        self._metric_bar = None
 
     def average(self) -> Tensor:
         """``S̄``, bias-corrected in ``"adaptive"`` mode."""
@@ -93,7 +97,9 @@ class EigenMoments:
 
     def diag(self, ea_scale: float, fresh_scale: float, damping: float) -> Tensor:
         """``e·S̄^p + f·S^p + γ``: the eigenvalues of ``e·F̄ + f·F_k + γI``."""
-        out = self._metric(self.average()).mul(ea_scale).add_(damping)
+        if self._metric_bar is None:
+            self._metric_bar = self._metric(self.average())
+        out = self._metric_bar.mul(ea_scale).add_(damping)
         if fresh_scale != 0.0:  # no fresh estimate (no data this refresh): the average
             fresh = self.average() if self.S_fresh is None else self.S_fresh
             out.add_(self._metric(fresh), alpha=fresh_scale)
@@ -111,6 +117,7 @@ class EigenMoments:
         count = state.get("moment_count")
         self.moment_count = None if count is None else count.cpu()
         self.S_fresh = None
+        self._metric_bar = None
 
 
 def example_moments(rows_A: Tensor, rows_G: Tensor, QA: Tensor, QG: Tensor,
