@@ -48,6 +48,10 @@ CASES = {
     # truncated factors: the seeded sketches give every rank the same decomposition
     "kfac-rank": (KFAC, dict(rank=4), True),
     "q-rank": (QKLDWRM, dict(rank=4), False),
+    # measured eigenvalues: EKFAC's per-example moments are averaged over ranks by
+    # examples; the adaptive moments come from the already-reduced gradient
+    "kfac-ekfac": (KFAC, dict(curvature="ekfac"), True),
+    "q-adaptive": (QKLDWRM, dict(curvature="adaptive", eigen_power=0.5, momentum=0.5), False),
 }
 
 
