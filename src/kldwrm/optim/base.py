@@ -120,6 +120,16 @@ def _check_arguments(model: Any, *, lr: float, rho: float, damping: float,
         )
 
 
+def _optimized(model: nn.Module, params: Iterable[Any] | None) -> list[Any]:
+    """The constructor's ``params``; by default every parameter, frozen ones included (as
+    torch.optim's ``model.parameters()``): a tensor frozen now and unfrozen later is trained
+    from its first gradient."""
+    out = list(unwrap(model).parameters() if params is None else params)
+    if not out:
+        raise ValueError("the model has no parameters to optimize")
+    return out
+
+
 def _check_eigen(eigen_beta: float, eigen_power: float) -> None:
     check_unit_interval("eigen_beta", eigen_beta)
     if not 0.0 < eigen_power <= 1.0:
@@ -220,15 +230,9 @@ class CurvatureOptimizer(Optimizer):
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
                          fisher=fisher, likelihood=likelihood, curvature=curvature,
                          dense_scope=dense_scope, bias=bias, rank=rank, output=output)
-        if params is None:
-            # every parameter, frozen ones included (as torch.optim's model.parameters()):
-            # a tensor frozen now and unfrozen later is trained from its first gradient
-            params = list(unwrap(model).parameters())
-        params = list(params)
-        if not params:
-            raise ValueError("the model has no parameters to optimize")
-        super().__init__(params, dict(lr=lr, damping=damping, weight_decay=weight_decay,
-                                      momentum=momentum))
+        super().__init__(_optimized(model, params),
+                         dict(lr=lr, damping=damping, weight_decay=weight_decay,
+                              momentum=momentum))
         self.rho = rho
         self.kl_clip = kl_clip
         self.block_clip = block_clip
@@ -250,6 +254,12 @@ class CurvatureOptimizer(Optimizer):
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
             block.group = self._group_of[slot[0]]
+        self._init_step_state()
+        self._arm_next()
+
+    def _init_step_state(self) -> None:
+        """Counters, the last step's clip factors, warnings issued, and the tracking of
+        tensors frozen or added later."""
         self.steps_taken = 0
         self.skipped_steps = 0
         self._clipped: list[Tensor] | None = None
@@ -265,7 +275,6 @@ class CurvatureOptimizer(Optimizer):
         #: step's forward pass is captured to give them curvature (a catch-up refresh)
         self._pending: set[int] = set()
         self._watcher: torch.utils.hooks.RemovableHandle | None = None
-        self._arm_next()
 
     def _check_group(self, i: int, group: dict[str, Any]) -> None:
         check_positive(f"param_groups[{i}]['lr']", group["lr"])
