@@ -80,9 +80,14 @@ class DiagonalBlock(Block):
     def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
         self.F_fresh = fresh["F"]
         self.F_bar = ea_update(self.F_bar, fresh["F"], rho)
-        if self.moments is not None and self.moments.mode == "ekfac":
-            self.moments.fold(fresh["F"], rho)
+        if self._shares_average():
+            self.moments.assign(self.F_bar, fresh["F"])
         self.initialized = True
+
+    def _shares_average(self) -> bool:
+        """``"ekfac"``: ``N·ḡ²`` is already this basis's per-example moment, so the moments
+        are ``F̄`` itself (no second copy, nothing more saved)."""
+        return self.moments is not None and self.moments.mode == "ekfac"
 
     def observe(self, vecs) -> None:
         """``"adaptive"``: fold this step's gradient into the running second moment."""
@@ -126,7 +131,7 @@ class DiagonalBlock(Block):
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {} if self.F_bar is None else {"F_bar": self.F_bar}
-        if self.moments is not None:
+        if self.moments is not None and not self._shares_average():
             out.update(self.moments.state_dict())
         return out
 
@@ -138,3 +143,5 @@ class DiagonalBlock(Block):
             self.F_bar = self.F_bar.to(self.params[0].device)
         self.initialized = self.F_bar is not None
         self.F_fresh = None
+        if self._shares_average() and self.F_bar is not None:
+            self.moments.assign(self.F_bar, None)

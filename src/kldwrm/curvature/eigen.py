@@ -73,6 +73,12 @@ class EigenMoments:
         self.moment_count = torch.tensor(self._count() + 1)
         self._metric_bar = None
 
+    def assign(self, S_bar: Tensor, S: Tensor | None) -> None:
+        """``"ekfac"``: take an average kept elsewhere (a diagonal block's ``F̄``, already
+        the per-example moments in its basis) instead of averaging a copy of it."""
+        self.S_bar, self.S_fresh = S_bar, S
+        self._metric_bar = None
+
     def observe(self, G: Tensor) -> None:
         """``"adaptive"``: one step's gradient ``G`` in the eigenbasis."""
         sq = G.square()
