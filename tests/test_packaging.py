@@ -81,6 +81,8 @@ def test_every_third_party_import_is_declared():
     undeclared = {}
     for folder in ("src", "tests", "benchmarks", "examples"):
         for path in (ROOT / folder).rglob("*.py"):
+            if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+                continue  # a local venv (e.g. the peers' benchmark venv), not our code
             for name in _third_party(_imports(path)):
                 dists = {d.lower().replace("_", "-") for d in dist_of.get(name, [name])}
                 if not dists & declared.keys():

@@ -199,7 +199,9 @@ def test_bad_rank_is_rejected(rank):
 
 @pytest.mark.slow
 def test_rank_64_mnist_mlp_one_epoch_matches_the_exact_solve(mnist):
-    """784-1024-1024-10 MLP, one epoch at batch 512: rank 64 within 0.3 points of exact."""
+    """784-1024-1024-10 MLP, one epoch at batch 512: rank 64 loses at most 0.3 points to the
+    exact solve. One-sided: float32 sums differ between CPUs, and on one the truncated
+    solve came out 0.33 points ahead (95.73 vs 95.40), which is no accuracy cost."""
     from kldwrm.experiments.models import mlp
     from tests.conftest import train_epoch
 
@@ -210,7 +212,7 @@ def test_rank_64_mnist_mlp_one_epoch_matches_the_exact_solve(mnist):
         model = mlp((784, 1024, 1024, 10))
         accs[rank] = train_epoch(model, KFAC(model, rank=rank), mnist)
     assert accs[None] > 0.95, accs
-    assert abs(accs[64] - accs[None]) <= 0.003, accs
+    assert accs[64] >= accs[None] - 0.003, accs
 
 
 @pytest.mark.parametrize("block_clip", [None, 0.02])
