@@ -8,7 +8,14 @@ Implements Puiu, *Rethinking Exponential Averaging of the Fisher* (ECML PKDD 202
 """
 
 from .curvature import CurvatureError
-from .factory import OPTIMIZERS, PAPER_SETTINGS, PRESETS, TRANSFORMER_SETTINGS, make_optimizer
+from .factory import (
+    OPTIMIZERS,
+    PAIRINGS,
+    PAPER_SETTINGS,
+    PRESETS,
+    TRANSFORMER_SETTINGS,
+    make_optimizer,
+)
 from .optim import (
     KFAC,
     QKLDWRM,
@@ -16,6 +23,7 @@ from .optim import (
     CurvatureOptimizer,
     MissingCurvatureWarning,
     NonFiniteGradientWarning,
+    Preconditioner,
 )
 
 __version__ = "0.2.0"
@@ -23,6 +31,7 @@ __version__ = "0.2.0"
 __all__ = [
     "KFAC",
     "OPTIMIZERS",
+    "PAIRINGS",
     "PAPER_SETTINGS",
     "PRESETS",
     "TRANSFORMER_SETTINGS",
@@ -32,6 +41,7 @@ __all__ = [
     "CurvatureOptimizer",
     "MissingCurvatureWarning",
     "NonFiniteGradientWarning",
+    "Preconditioner",
     "make_optimizer",
 ]
 

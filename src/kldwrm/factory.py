@@ -56,6 +56,20 @@ _CLASSES = {
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "so", "q", "qe")
 
+#: the optimizers a rule can be paired with in preconditioner mode (``"q+adamw"``)
+BASES = ("sgd", "adamw", "adam")
+
+#: preconditioner-mode names: a rule's direction applied by a torch optimizer
+PAIRINGS = tuple(f"{rule}+{base}" for rule in _CLASSES for base in BASES)
+
+#: arguments of a pairing that go to the torch optimizer (the rest go to the rule);
+#: ``base_weight_decay`` is its own (decoupled, for AdamW) weight decay
+_BASE_KEYS = {
+    "sgd": ("lr", "momentum", "nesterov", "dampening", "foreach", "fused"),
+    "adamw": ("lr", "betas", "eps", "amsgrad", "foreach", "fused"),
+    "adam": ("lr", "betas", "eps", "amsgrad", "foreach", "fused"),
+}
+
 
 def make_optimizer(name: str, model: nn.Module, *, preset: str = "paper",
                    **kwargs: Any) -> torch.optim.Optimizer:
@@ -64,12 +78,18 @@ def make_optimizer(name: str, model: nn.Module, *, preset: str = "paper",
     :data:`TRANSFORMER_SETTINGS`).
 
     ``sgd`` and ``adam`` are ``torch.optim.SGD``/``Adam`` on the model's trainable
-    parameters; ``kfac``, ``so``, ``q`` and ``qe`` are this library's optimizers.
+    parameters; ``kfac``, ``so``, ``q`` and ``qe`` are this library's optimizers; a pairing
+    ``"<rule>+<base>"`` (:data:`PAIRINGS`, e.g. ``"q+adamw"``) is the rule in
+    preconditioner mode (:class:`~kldwrm.optim.preconditioner.Preconditioner`) with
+    ``torch.optim.SGD``/``AdamW``/``Adam`` applying its direction: see :func:`_pairing`.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name not in OPTIMIZERS and name not in PAIRINGS:
+        raise ValueError(f"name must be one of {', '.join(OPTIMIZERS + PAIRINGS)}, "
+                         f"got {name!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if name in PAIRINGS:
+        return _pairing(name, model, PRESETS[preset], kwargs)
     settings = {**PRESETS[preset][name], **kwargs}
     if name in ("sgd", "adam"):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -78,3 +98,30 @@ def make_optimizer(name: str, model: nn.Module, *, preset: str = "paper",
         return torch.optim.Adam(params, **settings)
     module, cls = _CLASSES[name]
     return getattr(importlib.import_module(module), cls)(model, **settings)
+
+
+def _pairing(name: str, model: nn.Module, preset: dict[str, dict[str, Any]],
+             kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """``"<rule>+<base>"``: the rule's preset settings and the base's keys split off.
+
+    With SGD the rule's ``lr`` and ``momentum`` go to SGD (so ``"kfac+sgd"`` takes the
+    steps of ``"kfac"``); with Adam(W) its ``lr`` and ``betas`` come from the preset's
+    ``adam`` entry and the KL clip is off by default (Adam's normalisation undoes a
+    rescaling of the direction). The rule keeps ``weight_decay`` (L2 before
+    preconditioning); ``base_weight_decay`` (default 0) is the base optimizer's own.
+    """
+    from .optim.preconditioner import Preconditioner
+
+    rule, base = name.split("+")
+    settings = dict(preset[rule])
+    momentum = settings.pop("momentum", 0.0)
+    if base == "sgd":
+        settings["momentum"] = momentum
+    else:
+        settings.update(lr=preset["adam"]["lr"], kl_clip=None)
+    settings.update(kwargs)
+    base_kwargs = {k: settings.pop(k) for k in _BASE_KEYS[base] if k in settings}
+    base_kwargs["weight_decay"] = settings.pop("base_weight_decay", 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[base]
+    return Preconditioner(model, cls(params, **base_kwargs), rule, **settings)

@@ -117,8 +117,11 @@ class CurvatureEngine:
         output: OutputSelector = None,
         eigen_beta: float = 0.95,
         eigen_power: float = 1.0,
+        damping_split: str = "tikhonov",
     ) -> None:
         self.root = model
+        #: ``"pi"``: Kronecker blocks damp with π-split factors (``KroneckerFactors.split``)
+        self.damping_split = damping_split
         #: decay and power of the measured eigenvalues (``curvature`` in ``CORRECTED``)
         self.eigen_beta = eigen_beta
         self.eigen_power = eigen_power
@@ -161,6 +164,10 @@ class CurvatureEngine:
             new = self._kron_blocks(index)
         covered = {id(p) for b in new for p in b.params}
         new += [DiagonalBlock(p, names[id(p)]) for p in params if id(p) not in covered]
+        if self.damping_split == "pi":
+            for b in new:
+                if isinstance(b, FactoredBlock):
+                    b.factors.split = True
         if self.curvature in CORRECTED:
             for b in new:
                 b.moments = EigenMoments(self.curvature, self.eigen_beta, self.eigen_power)

@@ -31,6 +31,7 @@ by CG with that inverse as preconditioner. See ``docs/theory.md``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,8 +131,10 @@ class KroneckerFactors:
     KEYS = ("A_bar", "G_bar", "evals_A", "evecs_A", "evals_G", "evecs_G", "tail_A", "tail_G",
             "refreshes")
 
-    def __init__(self, name: str, rank: int | None = None) -> None:
+    def __init__(self, name: str, rank: int | None = None, split: bool = False) -> None:
         self.name = name
+        #: π-split damping (:meth:`damping_terms`) instead of ``γI``
+        self.split = split
         #: kept eigenpairs per factor (``None``: exact decompositions)
         self.rank = rank
         self.tail_A: Tensor | None = None
@@ -213,10 +216,37 @@ class KroneckerFactors:
             self._cache[key] = make()
         return self._cache[key]
 
+    # -- damping -----------------------------------------------------------------------
+    def damping_terms(self, damping: float) -> tuple[float, float]:
+        """``(π√γ, √γ/π)``, π-split damping's (Martens & Grosse 2015, section 6.3):
+        ``(Ā + π√γ I) ⊗ (Γ̄ + (√γ/π) I)`` with ``π = √((tr Ā / n_A) / (tr Γ̄ / n_Γ))``, so
+        the damping term ``D_γ = π√γ I⊗Γ̄ + (√γ/π) Ā⊗I + γI`` replaces ``γI`` in every
+        system (``e Ā⊗Γ̄ + f A⊗Γ + D_γ``); ``(0, 0)`` without the split."""
+        if not self.split or damping == 0.0:
+            return 0.0, 0.0
+        pi = self.cached("pi", self._pi)
+        root = math.sqrt(damping)
+        return pi * root, root / pi
+
+    def _pi(self) -> float:
+        tr_a = float(torch.diagonal(self.A_bar).mean())
+        tr_g = float(torch.diagonal(self.G_bar).mean())
+        if not (tr_a > 0.0 and tr_g > 0.0 and math.isfinite(tr_a / tr_g)):
+            return 1.0  # a factor without signal: split evenly
+        return math.sqrt(tr_a / tr_g)
+
     # -- the eigenbasis ----------------------------------------------------------------
-    def eig_grid(self, ea_scale: float, damping: float) -> Tensor:
-        """``e·dΓ dAᵀ + γ``: the eigenvalues of ``e Ā⊗Γ̄ + γI`` laid out like ``V``."""
-        return torch.outer(self.evals_G, self.evals_A).mul_(ea_scale).add_(damping)
+    def eig_grid(self, ea_scale: float, damping: float, dtype: torch.dtype | None = None
+                 ) -> Tensor:
+        """``e·dΓ dAᵀ + γ``: the eigenvalues of ``e Ā⊗Γ̄ + γI`` laid out like ``V`` (with the
+        π-split, ``+ π√γ·dΓ 1ᵀ + (√γ/π)·1 dAᵀ``: those of ``e Ā⊗Γ̄ + D_γ``), in ``dtype``
+        (default: the factors')."""
+        dG, dA = self.evals_G.to(dtype), self.evals_A.to(dtype)
+        grid = torch.outer(dG, dA).mul_(ea_scale).add_(damping)
+        a, b = self.damping_terms(damping)
+        if a:
+            grid.add_(dG[:, None], alpha=a).add_(dA[None, :], alpha=b)
+        return grid
 
     def rotate(self, V: Tensor) -> Tensor:
         """``QΓᵀ V QA``: ``V`` in the eigenbasis of ``Ā⊗Γ̄``."""
@@ -274,7 +304,7 @@ class KroneckerFactors:
         QA, QG = self.evecs_A.double(), self.evecs_G.double()
         Ah = QA.T @ self.A_fresh.double() @ QA
         Gh = QG.T @ self.G_fresh.double() @ QG
-        D = torch.outer(self.evals_G.double(), self.evals_A.double()) * e + damping
+        D = self.eig_grid(e, damping, torch.float64)
         # the right-hand side and the way back need only the input's precision (the result is
         # returned in it): the operator, where the 1e-6 residual is certified, is float64
         Vt = self.rotate(V).double()
@@ -351,6 +381,9 @@ class KroneckerFactors:
             # straight from the factors, (Ā⊗Γ̄) vec(V) = vec(Γ̄ V Ā): two products, half of
             # the round trip through the eigenbasis
             out = torch.addmm(V, self.G_bar @ V, self.A_bar, beta=damping, alpha=ea_scale)
+        a, b = self.damping_terms(damping)
+        if a:  # D_γ's two factor terms: π√γ Γ̄V + (√γ/π) VĀ
+            out = out.addmm_(self.G_bar, V, alpha=a).addmm_(V, self.A_bar, alpha=b)
         if fresh_scale != 0.0:
             out = out + fresh_scale * (self.G_fresh @ V @ self.A_fresh)
         return out

@@ -2,6 +2,7 @@
 
 from .base import CurvatureOptimizer, MissingCurvatureWarning, NonFiniteGradientWarning
 from .kfac import KFAC
+from .preconditioner import RULES, Preconditioner
 from .q import Q_SOLVES, QKLDWRM
 from .qe import QEKLDWRM
 from .so import SOKLDWRM
@@ -10,9 +11,11 @@ __all__ = [
     "KFAC",
     "QEKLDWRM",
     "QKLDWRM",
+    "RULES",
     "Q_SOLVES",
     "SOKLDWRM",
     "CurvatureOptimizer",
     "MissingCurvatureWarning",
     "NonFiniteGradientWarning",
+    "Preconditioner",
 ]

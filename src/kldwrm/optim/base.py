@@ -40,8 +40,12 @@ from ..curvature import (
 from ..curvature.capture import OutputSelector, in_backward, widen
 from ..curvature.linalg import all_finite
 from ..distributed import broadcast_generator_
+from . import damping as lm
 
 logger = logging.getLogger(__name__)
+
+#: how the damping γ enters a Kronecker block (``damping_split``)
+DAMPING_SPLITS = ("tikhonov", "pi")
 
 #: (ea_scale e, fresh_scale f, damping γ) for one parameter group: the system e·F̄ + f·F + γI
 Scales = tuple[float, float, float]
@@ -130,6 +134,14 @@ def _optimized(model: nn.Module, params: Iterable[Any] | None) -> list[Any]:
     return out
 
 
+def _check_damping_split(damping_split: str, curvature: str, rank: int | None) -> None:
+    check_choice("damping_split", damping_split, DAMPING_SPLITS)
+    if damping_split == "pi" and (curvature != "kron" or rank is not None):
+        raise ValueError(
+            "damping_split='pi' splits γ between the two Kronecker factors: it needs "
+            f"curvature='kron' without rank (got curvature={curvature!r}, rank={rank!r})")
+
+
 def _check_eigen(eigen_beta: float, eigen_power: float) -> None:
     check_unit_interval("eigen_beta", eigen_beta)
     if not 0.0 < eigen_power <= 1.0:
@@ -196,6 +208,13 @@ class CurvatureOptimizer(Optimizer):
         eigen_power: p in (0, 1]: with ``"ekfac"``/``"adaptive"`` the metric is the measured
             diagonal to the power p (1: the Fisher; ½: Adam's and SOAP's, with ``damping``
             as their ε).
+        damping_split: ``"tikhonov"`` (``γI`` added to the curvature) or ``"pi"``
+            (Martens & Grosse's π-split: Kronecker blocks use ``(Ā + π√γ I) ⊗ (Γ̄ + √γ/π
+            I)``; ``curvature="kron"`` without ``rank`` only; ``docs/theory.md``).
+        adaptive_damping: ``None`` (fixed ``damping``), an interval ``T_1`` or a
+            :class:`~kldwrm.optim.damping.LevenbergMarquardt`: every ``T_1`` steps each
+            group's ``damping`` follows the Levenberg-Marquardt rule (needs
+            ``step(closure)``; :mod:`kldwrm.optim.damping`).
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
@@ -223,9 +242,13 @@ class CurvatureOptimizer(Optimizer):
         momentum: float = 0.0,
         eigen_beta: float = 0.95,
         eigen_power: float = 1.0,
+        damping_split: str = "tikhonov",
+        adaptive_damping: lm.LevenbergMarquardt | int | None = None,
     ) -> None:
         check_unit_interval("momentum", momentum)
         _check_eigen(eigen_beta, eigen_power)
+        _check_damping_split(damping_split, curvature, rank)
+        self.adaptive_damping = lm.as_schedule(adaptive_damping)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
                          fisher=fisher, likelihood=likelihood, curvature=curvature,
@@ -251,6 +274,7 @@ class CurvatureOptimizer(Optimizer):
             model, self._params, fisher=fisher, likelihood=likelihood, curvature=curvature,
             dense_scope=dense_scope, bias=bias, rank=rank, generator=self.generator,
             output=output, eigen_beta=eigen_beta, eigen_power=eigen_power,
+            damping_split=damping_split,
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
             block.group = self._group_of[slot[0]]
@@ -262,6 +286,8 @@ class CurvatureOptimizer(Optimizer):
         tensors frozen or added later."""
         self.steps_taken = 0
         self.skipped_steps = 0
+        #: ρ of the last Levenberg-Marquardt adjustment (``adaptive_damping``)
+        self.last_reduction_ratio = math.nan
         self._clipped: list[Tensor] | None = None
         self._step_factors: list[float] = []
         self._left: dict[int, dict[str, Any]] = {}
@@ -372,11 +398,56 @@ class CurvatureOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Take one step; gradients must already be in ``p.grad`` (or use ``closure``)."""
+        """Take one step; gradients must already be in ``p.grad`` (or use ``closure``;
+        with ``adaptive_damping`` it is required, see :mod:`kldwrm.optim.damping`)."""
+        adapt = self._damping_due(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        begun = self._begin_step()
+        if begun is None:
+            return loss
+        g, refresh = begun
+        steps = self._with_momentum(self._compute_step(g, refresh))
+        self._apply(steps, self._left)
+        left = set(self._left)
+        self._end_step(g, steps, refresh)
+        if adapt:
+            self._adapt_damping(closure, loss, g, steps, left)
+        return loss
+
+    def _damping_due(self, closure: Callable[[], Tensor] | None) -> bool:
+        """Whether this step ends with a Levenberg-Marquardt adjustment (every ``T_1``-th
+        step); raises before anything changes when it needs a closure and has none."""
+        sched = self.adaptive_damping
+        if sched is None or (self.steps_taken + 1) % sched.every:
+            return False
+        if closure is None:
+            raise RuntimeError(
+                "adaptive_damping needs the loss after the step: call step(closure) with a "
+                "closure that returns the loss (see kldwrm.optim.damping)")
+        return True
+
+    def _adapt_damping(self, closure: Callable[[], Tensor], loss: Tensor,
+                       g: list[Tensor], steps: list[Tensor], left: set[int]) -> None:
+        """Each group's ``damping`` after the reduction ratio of the step just taken."""
+        steps = [torch.zeros_like(s) if i in left else s for i, s in enumerate(steps)]
+        g = [torch.zeros_like(x) if i in left else x for i, x in enumerate(g)]
+        curv = self.engine.matvec(steps, [(1.0, 0.0, 0.0)] * len(self.param_groups))
+        decays = [self.param_groups[gi]["weight_decay"] for gi in self._group_of]
+        ratio = lm.reduction_ratio(
+            lm.loss_change(closure, loss), g, steps, curv, decays,
+            [widen(p.detach()) for p in self._params])
+        self.last_reduction_ratio = ratio
+        for group in self.param_groups:
+            group["damping"] = self.adaptive_damping.adjust(group["damping"], ratio)
+
+    def _begin_step(self) -> tuple[list[Tensor], bool] | None:
+        """The first half of a step, up to the gradient ``g_k`` the rule preconditions:
+        the refresh (eq. 20) folded into the curvature, or ``None`` when the step is
+        skipped (non-finite gradients or curvature: nothing changed). Returns ``(g_k,
+        refresh)``; :meth:`_end_step` must follow with the step taken."""
         params = self._params
         if all(p.grad is None for p in params):
             raise RuntimeError(
@@ -392,7 +463,7 @@ class CurvatureOptimizer(Optimizer):
             finite = estimates is not None
         if not finite:
             self._skip()
-            return loss
+            return None
         self.engine.capture.gen_snapshot = None
         left = self._left_out(grads)  # their state as it is before a refresh re-expresses it
         if refresh:
@@ -403,8 +474,10 @@ class CurvatureOptimizer(Optimizer):
         g = self._full_gradient(grads)
         self._left = self._still_left_out(left, grads)
         self.engine.observe(g, list(self._left))
-        steps = self._with_momentum(self._compute_step(g, refresh))
-        self._apply(steps, self._left)
+        return g, refresh
+
+    def _end_step(self, g: list[Tensor], steps: list[Tensor], refresh: bool) -> None:
+        """The second half: the rule's recursion given the step ``steps`` actually taken."""
         self._after_step(g, steps, refresh)
         self._restore_state(self._left)
         self._clipped = None
@@ -413,7 +486,6 @@ class CurvatureOptimizer(Optimizer):
             self.engine.end_refresh()
         self.steps_taken += 1
         self._arm_next()
-        return loss
 
     # -- tensors a step leaves out -----------------------------------------------------------
     def _left_out(self, grads: Sequence[Tensor | None]) -> dict[int, dict[str, Any]]:
@@ -471,7 +543,7 @@ class CurvatureOptimizer(Optimizer):
                 "and a block that never had data is left out of the step (no further "
                 "warnings)",
                 MissingCurvatureWarning,
-                stacklevel=4,
+                stacklevel=6,
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -503,7 +575,7 @@ class CurvatureOptimizer(Optimizer):
                 "(parameters and optimizer state unchanged; further skips are counted in "
                 "optimizer.skipped_steps without warning)",
                 NonFiniteGradientWarning,
-                stacklevel=3,
+                stacklevel=6,  # _skip, _begin_step, step, no_grad, torch's step hooks
             )
         logger.debug("skipped step %d (non-finite)", self.steps_taken)
 

@@ -66,6 +66,9 @@ class QKLDWRM(CurvatureOptimizer):
     ) -> None:
         self.q_solve = check_choice("q_solve", q_solve, Q_SOLVES)
         self.model_curvature = check_nonnegative("model_curvature", model_curvature)
+        if q_solve == "augmented" and kwargs.get("damping_split") == "pi":
+            raise ValueError("damping_split='pi' needs q_solve='exact' (the augmented system "
+                             "of the released code has its own damping)")
         super().__init__(model, lr=lr, rho=rho, block_clip=block_clip, **kwargs)
         # (g, ĝ, x, d) of the current step: in parameter coordinates with x = None and d the
         # direction (refresh steps, and every step with a rank), or in the eigenbasis of F̄
@@ -147,7 +150,8 @@ class QKLDWRM(CurvatureOptimizer):
         lrs = [self._lr(i) for i in range(len(self._params))]
         g_b, ghat_b, x_t, d = self._step_vectors  # in the basis they were computed in
         self._step_vectors = None
-        if x_t is None and (refresh or steps is not self._clipped):
+        if x_t is None and (refresh or steps is not self._clipped
+                            or self.engine.damping_split != "tikhonov"):
             fs = self.engine.matvec(steps, self._scales())
         elif x_t is None:
             fs = self._damped_product(ghat_b, d, steps)

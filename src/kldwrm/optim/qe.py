@@ -227,6 +227,9 @@ class QEKLDWRM(QKLDWRM):
         if not isinstance(kl_train_mode, bool):
             raise ValueError(f"kl_train_mode must be True or False, got {kl_train_mode!r}")
         self.kl_train_mode = kl_train_mode
+        if kwargs.get("damping_split", "tikhonov") != "tikhonov":
+            raise ValueError("damping_split must be 'tikhonov' for QE: its inner objective's "
+                             "proximal term is (λγ/2)‖s‖² (DESIGN section 3)")
         super().__init__(model, lr=lr, rho=rho, **kwargs)
         net = self.engine.model
         names = {id(p): n for n, p in net.named_parameters()}
