@@ -14,7 +14,15 @@ from .blocks import (
 from .capture import FISHER_TYPES, LIKELIHOODS, Capture
 from .dense import DenseBlock
 from .diagonal import DiagonalBlock
-from .engine import CURVATURES, DENSE_SCOPES, CurvatureEngine, unwrap
+from .embedding import EmbeddingBlock
+from .engine import (
+    CURVATURES,
+    DENSE_SCOPES,
+    EMBEDDINGS,
+    WEIGHT_SHARING,
+    CurvatureEngine,
+    unwrap,
+)
 from .linalg import CurvatureError, sym_eig
 from .transposed import TransposedConvBlock
 
@@ -29,11 +37,14 @@ __all__ = [
     "DENSE_SCOPES",
     "DenseBlock",
     "DiagonalBlock",
+    "EMBEDDINGS",
+    "EmbeddingBlock",
     "FactoredBlock",
     "FISHER_TYPES",
     "KroneckerBlock",
     "LIKELIHOODS",
     "TransposedConvBlock",
+    "WEIGHT_SHARING",
     "kronecker_supported",
     "sym_eig",
     "unwrap",

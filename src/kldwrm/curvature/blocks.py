@@ -353,6 +353,9 @@ class KroneckerBlock(FactoredBlock):
         self.has_bias = module.bias is not None and bias == "homogeneous"
         params = [module.weight] + ([module.bias] if self.has_bias else [])
         super().__init__(module, params, name, rank)
+        #: ``"expand"`` (every position an example) or ``"reduce"`` (K-FAC-reduce over a
+        #: linear layer's positions), set by the engine (``weight_sharing``)
+        self.weight_sharing = "expand"
 
     # -- statistics -------------------------------------------------------------------
     def _column_blocks(self, x: Tensor, rows: Tensor | None) -> Iterator[Tensor]:
@@ -391,21 +394,45 @@ class KroneckerBlock(FactoredBlock):
             return None
         return capture.row_mask(call, t.shape[:-1])
 
+    def _reduces(self, t: Tensor) -> bool:
+        """K-FAC-reduce for this tensor: a linear layer's input or output gradient with
+        positions between the batch and the features, under ``weight_sharing="reduce"``."""
+        return (self.weight_sharing == "reduce" and t.dim() >= 3
+                and not isinstance(self.module, _ConvNd))
+
     def _input_factor(self, capture) -> tuple[Tensor, float]:
         """``A = (1/N) Σ ā āᵀ`` with ``ā = [a, 1]``, and ``N``.
 
         ``N`` counts the examples of the call each input belongs to (every leading position
-        of the model output, DESIGN section 1), once per use of the layer.
+        of the model output, DESIGN section 1), once per use of the layer. K-FAC-reduce
+        (Eschenhagen et al. 2023; ``weight_sharing="reduce"``): ``A = (1/B) Σ_n ā_n ā_nᵀ``
+        over the ``B`` sequences, ``ā_n`` the mean of sequence ``n``'s inputs over its
+        positions (all of them: masks are not applied).
         """
         pairs = list(zip(capture.inputs[self.module], capture.input_calls[self.module],
                          strict=True))
+        if any(self._reduces(x) for x, _ in pairs):
+            means = [x.reshape(x.shape[0], -1, x.shape[-1]).mean(1) for x, _ in pairs]
+            total = gram((cols, 1.0) for x in means for cols in self._column_blocks(x, None))
+            n = sum(x.shape[0] for x in means)
+            return total.div_(n), float(n)
         total = gram((cols, 1.0) for x, call in pairs
                      for cols in self._column_blocks(x, self._rows(capture, x, call)))
         n = sum(capture.examples[call] for _, call in pairs)
         return total.div_(n), float(n)
 
     def _output_factor(self, capture) -> tuple[Tensor, float]:
-        """``Γ = (1/R) Σ δ δᵀ`` over the ``R`` counted rows of output gradients, and ``R``."""
+        """``Γ = (1/R) Σ δ δᵀ`` over the ``R`` counted rows of output gradients, and ``R``.
+        K-FAC-reduce: ``Γ = (1/(B·T)) Σ_n δ̃_n δ̃_nᵀ``, ``δ̃_n`` the sum of sequence ``n``'s
+        output gradients over its ``T`` positions (so that ``A ⊗ Γ`` is the Fisher of the
+        mean loss over the ``B·T`` positions when the inputs do not vary along them)."""
+        deltas = capture.deltas[self.module]
+        if any(self._reduces(d) for d in deltas):
+            scale = capture.delta_scale() ** 2
+            sums = [d.reshape(d.shape[0], -1, d.shape[-1]).sum(1) for d in deltas]
+            rows = sum(d[..., 0].numel() for d in deltas)
+            return gram([(self._delta_columns(t, None), scale) for t in sums]).div_(rows), \
+                float(rows)
         blocks = [(self._delta_columns(d, self._rows(capture, d, call)),
                    capture.delta_scale() ** 2)
                   for d, call in zip(capture.deltas[self.module],
@@ -422,7 +449,7 @@ class KroneckerBlock(FactoredBlock):
         """A linear layer's rows ``ā`` and ``δ`` of each use, paired by call (a call's
         output gradients arrive in the reverse order of its uses); ``None`` for a
         convolution (its examples sum over positions) or uses that cannot be paired."""
-        if isinstance(self.module, _ConvNd):
+        if isinstance(self.module, _ConvNd) or self.weight_sharing == "reduce":
             return None
         ins = list(zip(capture.inputs[self.module], capture.input_calls[self.module],
                        strict=True))

@@ -28,6 +28,7 @@ from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
 from .eigen import CORRECTED, EigenMoments
+from .embedding import EmbeddingBlock, embedding_supported
 from .linalg import all_finite
 from .transposed import TransposedConvBlock
 
@@ -45,6 +46,12 @@ def _warn_shared(module_name: str) -> None:
 #: ``"kron"``: K-FAC's eigenvalues; ``"ekfac"``/``"adaptive"``: measured in K-FAC's
 #: eigenbasis (:mod:`.eigen`); ``"dense"``: the full Fisher (research mode)
 CURVATURES = ("kron", "ekfac", "adaptive", "dense")
+
+#: how an ``nn.Embedding``'s weight is blocked (``embeddings``)
+EMBEDDINGS = ("diagonal", "kron")
+
+#: how a linear layer shared over positions is approximated (Eschenhagen et al. 2023)
+WEIGHT_SHARING = ("expand", "reduce")
 
 
 def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
@@ -118,10 +125,16 @@ class CurvatureEngine:
         eigen_beta: float = 0.95,
         eigen_power: float = 1.0,
         damping_split: str = "tikhonov",
+        embeddings: str = "diagonal",
+        weight_sharing: str = "expand",
     ) -> None:
         self.root = model
         #: ``"pi"``: Kronecker blocks damp with π-split factors (``KroneckerFactors.split``)
         self.damping_split = damping_split
+        #: ``"kron"``: ``nn.Embedding`` weights get :class:`EmbeddingBlock` (else diagonal)
+        self.embeddings = embeddings
+        #: ``"reduce"``: linear layers on sequences use K-FAC-reduce (else "expand")
+        self.weight_sharing = weight_sharing
         #: decay and power of the measured eigenvalues (``curvature`` in ``CORRECTED``)
         self.eigen_beta = eigen_beta
         self.eigen_power = eigen_power
@@ -164,10 +177,11 @@ class CurvatureEngine:
             new = self._kron_blocks(index)
         covered = {id(p) for b in new for p in b.params}
         new += [DiagonalBlock(p, names[id(p)]) for p in params if id(p) not in covered]
-        if self.damping_split == "pi":
-            for b in new:
-                if isinstance(b, FactoredBlock):
-                    b.factors.split = True
+        for b in new:
+            if isinstance(b, FactoredBlock):
+                b.factors.split = self.damping_split == "pi"
+            if isinstance(b, KroneckerBlock):
+                b.weight_sharing = self.weight_sharing
         if self.curvature in CORRECTED:
             for b in new:
                 b.moments = EigenMoments(self.curvature, self.eigen_beta, self.eigen_power)
@@ -216,6 +230,10 @@ class CurvatureEngine:
             if all(id(p) in index for p in own):
                 out.extend(_kronecker_blocks(m, mname, self.bias, self.rank))
                 covered.update(id(p) for p in own)
+        if self.embeddings == "kron":  # after the layers: a tied weight keeps their block
+            out += [EmbeddingBlock(m, mname) for mname, m in self.model.named_modules()
+                    if embedding_supported(m) and id(m.weight) in index
+                    and id(m.weight) not in covered]
         return out
 
     # -- refresh ----------------------------------------------------------------------

@@ -9,6 +9,10 @@ column-major ``vec``, ``(A ⊗ Γ) vec(V) = vec(Γ V A)``; so with ``Ā = QA dA 
 
     (e Ā⊗Γ̄ + γI)^{-1} vec(V) = vec(QΓ [(QΓᵀ V QA) / (e·dΓ dAᵀ + γ)] QAᵀ)      (eq. 19)
 
+An input factor that is diagonal (an embedding's ``A = diag(token counts)/N``) is kept as
+its diagonal, a vector, with no eigenvectors (``evecs_A = None``: the basis is the
+identity), so a vocabulary of ``n`` tokens costs ``O(n)``, not ``O(n²)``.
+
 Factors and decompositions live in a floating dtype of at least float32 (``dtype``),
 whatever the dtype of the activations that produced them.
 
@@ -65,11 +69,13 @@ class Spectrum:
 
     @property
     def full(self) -> bool:
-        return self.vecs.shape[1] == self.vecs.shape[0]
+        return self.vecs is None or self.vecs.shape[1] == self.vecs.shape[0]
 
     def right(self, V: Tensor) -> Tensor:
         """``V · S``: ``tail·V + (V U)(diag(vals) − tail) Uᵀ`` (two products of ``O(n² r)``,
-        the sum fused into the second)."""
+        the sum fused into the second); ``V · diag(vals)`` for a diagonal factor."""
+        if self.vecs is None:
+            return V * self.vals
         VU = (V @ self.vecs).mul_(self.vals - self.tail)
         if self.full:
             return VU @ self.vecs.T
@@ -172,9 +178,12 @@ class KroneckerFactors:
         self._cache = {}
 
     def _decompose(self, mat: Tensor, previous: Tensor | None, which: str
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-        """Eigenpairs and tail constant: exact (rank ``None`` or ``≥ n``) or randomized."""
+                   ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Eigenpairs and tail constant: exact (rank ``None`` or ``≥ n``) or randomized; a
+        diagonal factor (a vector) is its own spectrum, with no eigenvectors."""
         label = f"{which} of {self.name}"
+        if mat.dim() == 1:
+            return mat.clone(), None, mat.new_zeros(())
         n = mat.shape[0]
         if self.rank is None or self.rank >= n:
             vals, vecs = sym_eig(mat, label)
@@ -193,7 +202,8 @@ class KroneckerFactors:
     @property
     def exact(self) -> bool:
         """Whether both factors are decomposed whole (the operator is the exact ``Ā⊗Γ̄``)."""
-        return self.evecs_A is not None and _whole(self.evecs_A) and _whole(self.evecs_G)
+        return (self.evecs_G is not None and _whole(self.evecs_G)
+                and (self.evecs_A is None or _whole(self.evecs_A)))
 
     def spectra(self) -> tuple[Spectrum, Spectrum]:
         """``(Γ̄, Ā)`` as kept eigenpairs plus tail constants."""
@@ -229,7 +239,7 @@ class KroneckerFactors:
         return pi * root, root / pi
 
     def _pi(self) -> float:
-        tr_a = float(torch.diagonal(self.A_bar).mean())
+        tr_a = float(_diagonal(self.A_bar).mean())
         tr_g = float(torch.diagonal(self.G_bar).mean())
         if not (tr_a > 0.0 and tr_g > 0.0 and math.isfinite(tr_a / tr_g)):
             return 1.0  # a factor without signal: split evenly
@@ -250,11 +260,13 @@ class KroneckerFactors:
 
     def rotate(self, V: Tensor) -> Tensor:
         """``QΓᵀ V QA``: ``V`` in the eigenbasis of ``Ā⊗Γ̄``."""
-        return self.evecs_G.T @ V @ self.evecs_A
+        X = self.evecs_G.T @ V
+        return X if self.evecs_A is None else X @ self.evecs_A
 
     def unrotate(self, X: Tensor) -> Tensor:
         """``QΓ X QAᵀ``, the inverse of :meth:`rotate`."""
-        return self.evecs_G @ X @ self.evecs_A.T
+        X = self.evecs_G @ X
+        return X if self.evecs_A is None else X @ self.evecs_A.T
 
     # -- solves and products ---------------------------------------------------------------
     def solve(
@@ -287,6 +299,9 @@ class KroneckerFactors:
             G = self._decompose(self.G_bar + f * self.G_fresh, self.evecs_G, "augmented Gamma")
             aug = self._cache["augmented"] = (f, Spectrum(*G), Spectrum(*A))
         _, G, A = aug
+        if G.full and A.full and A.vecs is None:
+            Vt = G.vecs.T @ V
+            return G.vecs @ (Vt / (torch.outer(G.vals, A.vals) + damping))
         if G.full and A.full:
             Vt = G.vecs.T @ V @ A.vecs
             return G.vecs @ (Vt / (torch.outer(G.vals, A.vals) + damping)) @ A.vecs.T
@@ -301,8 +316,12 @@ class KroneckerFactors:
         of DESIGN section 3 (1e-6) is reachable from float32 factors.
         """
         dt = V.dtype
-        QA, QG = self.evecs_A.double(), self.evecs_G.double()
-        Ah = QA.T @ self.A_fresh.double() @ QA
+        QG = self.evecs_G.double()
+        if self.evecs_A is None:  # a diagonal input factor: its basis is the identity
+            Ah = self.A_fresh.double()
+        else:
+            QA = self.evecs_A.double()
+            Ah = QA.T @ self.A_fresh.double() @ QA
         Gh = QG.T @ self.G_fresh.double() @ QG
         D = self.eig_grid(e, damping, torch.float64)
         # the right-hand side and the way back need only the input's precision (the result is
@@ -310,9 +329,9 @@ class KroneckerFactors:
         Vt = self.rotate(V).double()
 
         def op(X: Tensor) -> Tensor:
-            return D * X + f * (Gh @ X @ Ah)
+            return D * X + f * _times(Gh @ X, Ah)
 
-        precond = 1.0 / (D + f * torch.outer(torch.diagonal(Gh), torch.diagonal(Ah)))
+        precond = 1.0 / (D + f * torch.outer(torch.diagonal(Gh), _diagonal(Ah)))
         X, rel, _ = conjugate_gradient(op, Vt, precond, rtol=EXACT_SOLVE_RTOL * 0.5)
         self.last_residual = rel
         if rel > EXACT_SOLVE_RTOL:
@@ -380,12 +399,12 @@ class KroneckerFactors:
         else:
             # straight from the factors, (Ā⊗Γ̄) vec(V) = vec(Γ̄ V Ā): two products, half of
             # the round trip through the eigenbasis
-            out = torch.addmm(V, self.G_bar @ V, self.A_bar, beta=damping, alpha=ea_scale)
+            out = _times_add(V, self.G_bar @ V, self.A_bar, damping, ea_scale)
         a, b = self.damping_terms(damping)
         if a:  # D_γ's two factor terms: π√γ Γ̄V + (√γ/π) VĀ
-            out = out.addmm_(self.G_bar, V, alpha=a).addmm_(V, self.A_bar, alpha=b)
+            out = out.addmm_(self.G_bar, V, alpha=a).add_(_times(V, self.A_bar), alpha=b)
         if fresh_scale != 0.0:
-            out = out + fresh_scale * (self.G_fresh @ V @ self.A_fresh)
+            out = out + fresh_scale * _times(self.G_fresh @ V, self.A_fresh)
         return out
 
     # -- persistence --------------------------------------------------------------------
@@ -412,6 +431,22 @@ def _system(G: Spectrum, A: Spectrum, Gf: Spectrum, Af: Spectrum, e: float, f: f
                 .add_(G.left(A.right(X)), alpha=e).add_(X, alpha=damping))
 
     return op
+
+
+def _times(X: Tensor, A: Tensor) -> Tensor:
+    """``X A`` for an input factor ``A``, a matrix or (diagonal) a vector."""
+    return X * A if A.dim() == 1 else X @ A
+
+
+def _times_add(V: Tensor, X: Tensor, A: Tensor, beta: float, alpha: float) -> Tensor:
+    """``beta·V + alpha·X A`` (``addmm`` for a matrix ``A``)."""
+    if A.dim() == 1:
+        return (X * A).mul_(alpha).add_(V, alpha=beta)
+    return torch.addmm(V, X, A, beta=beta, alpha=alpha)
+
+
+def _diagonal(A: Tensor) -> Tensor:
+    return A if A.dim() == 1 else torch.diagonal(A)
 
 
 def _whole(vecs: Tensor) -> bool:

@@ -32,8 +32,10 @@ from ..curvature import (
     BIAS_MODES,
     CURVATURES,
     DENSE_SCOPES,
+    EMBEDDINGS,
     FISHER_TYPES,
     LIKELIHOODS,
+    WEIGHT_SHARING,
     CurvatureEngine,
     unwrap,
 )
@@ -208,6 +210,12 @@ class CurvatureOptimizer(Optimizer):
         eigen_power: p in (0, 1]: with ``"ekfac"``/``"adaptive"`` the metric is the measured
             diagonal to the power p (1: the Fisher; ½: Adam's and SOAP's, with ``damping``
             as their ε).
+        embeddings: ``"diagonal"`` (each ``nn.Embedding`` weight a diagonal block) or
+            ``"kron"`` (``diag(token counts) ⊗ Γ̄``, :mod:`kldwrm.curvature.embedding`).
+        weight_sharing: a linear layer applied at every position of a sequence:
+            ``"expand"`` (every position an example) or ``"reduce"`` (K-FAC-reduce, the
+            inputs averaged and output gradients summed over the positions first;
+            Eschenhagen et al. 2023).
         damping_split: ``"tikhonov"`` (``γI`` added to the curvature) or ``"pi"``
             (Martens & Grosse's π-split: Kronecker blocks use ``(Ā + π√γ I) ⊗ (Γ̄ + √γ/π
             I)``; ``curvature="kron"`` without ``rank`` only; ``docs/theory.md``).
@@ -244,10 +252,14 @@ class CurvatureOptimizer(Optimizer):
         eigen_power: float = 1.0,
         damping_split: str = "tikhonov",
         adaptive_damping: lm.LevenbergMarquardt | int | None = None,
+        embeddings: str = "diagonal",
+        weight_sharing: str = "expand",
     ) -> None:
         check_unit_interval("momentum", momentum)
         _check_eigen(eigen_beta, eigen_power)
         _check_damping_split(damping_split, curvature, rank)
+        check_choice("embeddings", embeddings, EMBEDDINGS)
+        check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
         self.adaptive_damping = lm.as_schedule(adaptive_damping)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
@@ -274,7 +286,8 @@ class CurvatureOptimizer(Optimizer):
             model, self._params, fisher=fisher, likelihood=likelihood, curvature=curvature,
             dense_scope=dense_scope, bias=bias, rank=rank, generator=self.generator,
             output=output, eigen_beta=eigen_beta, eigen_power=eigen_power,
-            damping_split=damping_split,
+            damping_split=damping_split, embeddings=embeddings,
+            weight_sharing=weight_sharing,
         )
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
             block.group = self._group_of[slot[0]]
