@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -357,3 +358,57 @@ def test_a_padded_sequence_model_with_dict_outputs_trains(cls, kw, fisher):
 def _ce_vocab(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100)
+
+
+# --------------------------------------------------------------------------------------------
+# K-FAC-reduce (weight_sharing="reduce", Eschenhagen et al. 2023)
+
+
+def _reduce_net():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def test_reduce_factors_against_a_dense_construction():
+    """A = (1/B) Σ_n ā_n ā_nᵀ (ā_n: the mean input of sequence n, with the homogeneous 1),
+    Γ = (1/(B·T)) Σ_n δ̃_n δ̃_nᵀ (δ̃_n: its summed output gradients of the summed loss)."""
+    net = _reduce_net()
+    ref = copy.deepcopy(net)
+    opt = KFAC(net, fisher="empirical", weight_sharing="reduce")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5, 7), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(net(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    h = torch.tanh(ref[0](x))
+    out = ref[2](h)
+    (delta,) = torch.autograd.grad(F.cross_entropy(out.flatten(0, 1), y.flatten(),
+                                                   reduction="sum"), out)
+    a = torch.cat([h.mean(1), torch.ones(5, 1, dtype=torch.float64)], 1)
+    b = opt.engine.blocks[1]
+    torch.testing.assert_close(b.A_bar, a.T @ a / 5, rtol=1e-12, atol=1e-15)
+    s = delta.sum(1)
+    torch.testing.assert_close(b.G_bar, s.T @ s / 35, rtol=1e-12, atol=1e-15)
+
+
+def test_reduce_is_the_exact_fisher_of_one_sequence_with_constant_inputs():
+    """One sequence whose inputs do not vary along it: A⊗Γ is the (empirical) Fisher of
+    the mean loss over its T positions, (1/T) vec(G) vec(G)ᵀ with G the summed-loss
+    gradient of the weight, which expand does not reproduce."""
+    lin = nn.Linear(4, 3, bias=False).double()
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 4, dtype=torch.float64).expand(1, 6, 4)
+    y = torch.randint(0, 3, (1, 6))
+    (G,) = torch.autograd.grad(F.cross_entropy(lin(x).flatten(0, 1), y.flatten(),
+                                               reduction="sum"), lin.weight)
+    dense = torch.outer(G.T.reshape(-1), G.T.reshape(-1)) / 6
+    for sharing, exact in (("reduce", True), ("expand", False)):
+        model = copy.deepcopy(lin)
+        opt = KFAC(model, fisher="empirical", weight_sharing=sharing)
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        b = opt.engine.blocks[0]
+        close = torch.allclose(torch.kron(b.A_bar, b.G_bar), dense, rtol=1e-10, atol=1e-14)
+        assert close is exact, sharing
