@@ -50,6 +50,12 @@ from .randomized import discarded_trace_mean, randomized_eigh
 #: relative residual that ``q_solve="exact"`` guarantees on refresh steps (DESIGN section 3)
 EXACT_SOLVE_RTOL = 1e-6
 
+#: with truncated factors (``rank``) Q's refresh system is solved to this fraction of the
+#: operator's own relative (Frobenius) truncation error, within [EXACT_SOLVE_RTOL, 1e-2]:
+#: a residual far below the error of the operator itself buys nothing
+TRUNCATED_SOLVE_FRACTION = 0.1
+TRUNCATED_SOLVE_MAX_RTOL = 1e-2
+
 
 #: randomized eigensolver settings: oversampling, and power iterations without / with a
 #: warm start from the previous refresh's basis
@@ -350,15 +356,39 @@ class KroneckerFactors:
 
         return self.cached("fresh-spectra", make)
 
+    def truncation_error(self) -> float:
+        """Relative Frobenius error of the truncated Kronecker products, the larger of the
+        average's and the fresh estimate's: ``ε_A + (1 + ε_A) ε_Γ`` bounds
+        ``‖A⊗Γ − A_r⊗Γ_r‖_F / ‖A⊗Γ‖_F``, with ``ε_M = √(Σ_disc (λ − c)²) / ‖M‖_F`` exact
+        from ``‖M‖_F² − Σ_kept λ² − (n − r) c²`` (the discarded eigenvalues replaced by
+        their mean ``c``; ``O(n²)``, no decomposition). 0 with whole decompositions."""
+        def make() -> float:
+            G, A = self.spectra()
+            out = _kron_error(_truncation(self.A_bar, A), _truncation(self.G_bar, G))
+            if self.A_fresh is not None and self.A_fresh is not self.A_bar:
+                Gf, Af = self._fresh_spectra()
+                out = max(out, _kron_error(_truncation(self.A_fresh, Af),
+                                           _truncation(self.G_fresh, Gf)))
+            return out
+
+        return self.cached("truncation", make)
+
+    def truncated_rtol(self) -> float:
+        """The relative residual Q's refresh solve reaches with truncated factors."""
+        return min(max(EXACT_SOLVE_RTOL, TRUNCATED_SOLVE_FRACTION * self.truncation_error()),
+                   TRUNCATED_SOLVE_MAX_RTOL)
+
     def _solve_cg_low_rank(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
-        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI`` solved to relative residual 1e-6.
+        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI`` solved to relative residual ``τ`` =
+        :meth:`truncated_rtol` (a tenth of the operator's truncation error, at least 1e-6).
 
         CG runs in the factors' precision, preconditioned by the closed-form inverse of
         ``e Ā_r⊗Γ̄_r + γI`` (two iterations typically suffice); the residual is then
-        measured with the operator in float64 and, while above 1e-6, the correction is
-        solved the same way (iterative refinement). So the residual bound of DESIGN
-        section 3 is certified in float64 while the products mostly run in float32.
+        measured with the operator in float64 and, while above ``τ``, the correction is
+        solved the same way (iterative refinement). So the residual bound is certified in
+        float64 while the products mostly run in float32.
         """
+        tol = self.truncated_rtol()
         spectra = (*self.spectra(), *self._fresh_spectra())
         op = _system(*spectra, e, f, damping)
         op64 = _system(*(_double(sp) for sp in spectra), e, f, damping)
@@ -368,17 +398,17 @@ class KroneckerFactors:
         for _ in range(4):
             D, _, _ = conjugate_gradient(
                 op, R.to(V.dtype), lambda r: low_rank_inverse(r, *spectra[:2], e, damping),
-                rtol=EXACT_SOLVE_RTOL * 0.25,
+                rtol=tol * 0.25,
             )
             X += D.double()
             R = V64 - op64(X)
             rel = float(torch.linalg.vector_norm(R)) / norm
-            if rel <= EXACT_SOLVE_RTOL:
+            if rel <= tol:
                 break
         self.last_residual = rel
-        if rel > EXACT_SOLVE_RTOL:
+        if rel > tol:
             raise CurvatureError(
-                f"q_solve='exact' did not reach relative residual {EXACT_SOLVE_RTOL:g} for "
+                f"q_solve='exact' did not reach relative residual {tol:g} for "
                 f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
             )
         return X.to(V.dtype)
@@ -447,6 +477,20 @@ def _times_add(V: Tensor, X: Tensor, A: Tensor, beta: float, alpha: float) -> Te
 
 def _diagonal(A: Tensor) -> Tensor:
     return A if A.dim() == 1 else torch.diagonal(A)
+
+
+def _truncation(mat: Tensor, sp: Spectrum) -> float:
+    """``ε_M`` of :meth:`KroneckerFactors.truncation_error` for one factor."""
+    if sp.full:
+        return 0.0
+    fro2 = float(mat.double().square().sum())
+    n, k = mat.shape[0], sp.vals.numel()
+    disc = fro2 - float(sp.vals.double().square().sum()) - (n - k) * float(sp.tail) ** 2
+    return math.sqrt(max(disc, 0.0) / fro2) if fro2 > 0.0 else 0.0
+
+
+def _kron_error(eps_a: float, eps_g: float) -> float:
+    return eps_a + (1.0 + eps_a) * eps_g
 
 
 def _whole(vecs: Tensor) -> bool:
