@@ -5,7 +5,7 @@ accuracy is evaluated after every epoch (evaluation time excluded). Reported: th
 epoch, and the training seconds up to the end of it, at which the test accuracy reaches
 each level of the data set (MNIST 97% and 98%; Fashion-MNIST 84% and 85%: the paper CNN
 ends 10 epochs at 84-86% there (measured), and 85% is the level of the project's reports,
-``kldwrm.experiments.runs.ACC_TARGET``); the median over seeds (a seed that never reaches the
+``kldwrm.experiments.study.runs.ACC_TARGET``); the median over seeds (a seed that never reaches the
 level counts as infinitely slow, so the median is "not reached" when half the seeds or more
 miss it); and the median training seconds per epoch, which tells whether a method wins by
 needing fewer epochs or by cheaper ones.
@@ -16,7 +16,8 @@ learning rate chosen by a small sweep, per data set: SGD lr in {0.01, 0.03, 0.1,
 lr in {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}, each trained ``--sweep-epochs`` epochs (seed 0) on the first
 11/12 of the training images (55,000) and scored on the held-out rest (5,000; the test set is
 not used to pick). Inputs are normalised with the data set's mean / std (MNIST 0.1307 /
-0.3081, Fashion-MNIST 0.2860 / 0.3530, as ``kldwrm.experiments.data``), train and test alike.
+0.3081, Fashion-MNIST 0.2860 / 0.3530, as ``kldwrm.experiments.data.datasets``), train and
+test alike.
 ``--train-limit N`` (smoke runs only) trains and sweeps on the first N training images; the
 table then says so.
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kldwrm.curvature.traffic import communication_bytes
-from kldwrm.experiments.models import mlp, paper_cnn
+from kldwrm.experiments.data.models import mlp, paper_cnn
 
 from .common import make
 

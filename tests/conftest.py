@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kldwrm.experiments.data import iterate_batches, load_dataset
+from kldwrm.experiments.data.datasets import iterate_batches, load_dataset
 
 
 @pytest.fixture(scope="session")

@@ -250,7 +250,7 @@ def test_rank_seeds_differ():
 
 
 def test_communication_bytes_of_an_mlp():
-    from kldwrm.experiments.models import mlp
+    from kldwrm.experiments.data.models import mlp
 
     rows = communication_bytes(mlp((784, 1024, 1024, 10)))
     assert [r.kind for r in rows] == ["kronecker"] * 3

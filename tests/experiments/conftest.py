@@ -32,7 +32,7 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist(mnist_dir: Path):
     """The real MNIST data set, parsed once per session."""
-    from kldwrm.experiments.data import load_dataset
+    from kldwrm.experiments.data.datasets import load_dataset
 
     return load_dataset("mnist", mnist_dir, download=False)
 

@@ -12,8 +12,8 @@ import csv
 import math
 from pathlib import Path
 
-from kldwrm.experiments.runs import Runs
-from kldwrm.experiments.train import METRIC_FIELDS
+from kldwrm.experiments.study.runs import Runs
+from kldwrm.experiments.training.train import METRIC_FIELDS
 
 DATASET = "sincos"
 FLOOR = 0.01
@@ -37,7 +37,7 @@ def _row(solver: str, epoch: int, loss: float, wall: float) -> dict[str, float]:
 
 
 def solvers() -> dict[str, Runs]:
-    """:data:`RUNS` in memory, as :func:`~kldwrm.experiments.runs.collect_runs` reads them."""
+    """:data:`RUNS` in memory, as :func:`~kldwrm.experiments.study.runs.collect_runs` reads them."""
     out: dict[str, Runs] = {}
     for (solver, seed), rows in RUNS.items():
         out.setdefault(solver, {})[seed] = [_row(solver, *r) for r in rows]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from kldwrm.experiments.train import METRIC_FIELDS
+from kldwrm.experiments.training.train import METRIC_FIELDS
 
 # (epoch, test_acc, test_loss, wall_time_s) per run; train columns are filler.
 RUNS = {

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kldwrm import KFAC, QKLDWRM, SOKLDWRM, NonFiniteGradientWarning
-from kldwrm.experiments.models import paper_cnn
+from kldwrm.experiments.data.models import paper_cnn
 
 from ..conftest import train_epoch
 

@@ -20,7 +20,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from kldwrm import KFAC, QKLDWRM, SOKLDWRM, reference
 from kldwrm.curvature.blocks import KroneckerBlock
-from kldwrm.experiments.models import paper_cnn
+from kldwrm.experiments.data.models import paper_cnn
 
 from ..conftest import train_epoch
 

@@ -580,7 +580,7 @@ def test_regression_reaches_noise_floor():
     xte = torch.rand(2048, 2) * 4 - 2
     yte = target(xte) + sigma * torch.randn(2048, 1)
     # the task `kldwrm reproduce --task regression` studies is this one, sample for sample
-    from kldwrm.experiments.data import sincos_regression
+    from kldwrm.experiments.data.datasets import sincos_regression
 
     study = sincos_regression()
     for a, b in ((xtr, study.x_train), (ytr, study.y_train), (xte, study.x_test),

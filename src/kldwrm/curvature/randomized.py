@@ -6,7 +6,10 @@ K-FAC with randomized numerical linear algebra" (2022), observes that the spectr
 factors decay quickly over a number of modes that does not grow with the width, so keeping
 only the leading ``r`` eigenpairs, found with a randomized range finder (Halko, Martinsson
 & Tropp, "Finding structure with randomness", SIAM Review 53(2), 2011; "HMT" below),
-brings the cost down to ``O(n² r)``.
+brings the cost down to ``O(n² r)``: with ``ℓ = r + oversample`` sketch columns and ``q``
+power iterations, ``q + 2`` products ``M·(n × ℓ)`` at ``O(n² ℓ)`` each, ``q + 1`` QRs of
+``n × ℓ`` blocks at ``O(n ℓ²)`` and one ``ℓ × ℓ`` eigendecomposition at ``O(ℓ³)``:
+``O(n² ℓ)`` in all, no ``O(n³)`` step. Memory ``O(n ℓ)`` besides the factor.
 
 :func:`randomized_eigh` returns the leading eigenpairs, **eigenvalues in descending
 order**; :func:`discarded_trace_mean` gives the mean of the discarded eigenvalues, the
@@ -45,73 +48,26 @@ def randomized_eigh(
     (float32 or float64) and on its device. Only the symmetric part ``(M + Mᵀ)/2`` of
     ``mat`` is used in the exact path; the randomized path assumes ``mat`` symmetric.
 
-    Algorithm (HMT algorithms 4.4 and 5.3, with ``ℓ = rank + oversample`` columns):
-
-    1. starting block ``Ω`` of shape ``(n, ℓ)``: i.i.d. Gaussian columns drawn from
-       ``generator`` (scaled by ``1/√n``), or, with ``init``, the leading columns of
-       ``init`` followed by Gaussian ones (see below);
-    2. range finder: ``Q = orth(M Ω)`` by a Householder QR;
-    3. ``power_iters`` subspace iterations ``Q ← orth(M Q)``, re-orthonormalised by QR each
-       time so that the small eigendirections are not lost to rounding; after ``q``
-       iterations ``span Q = span(M^{q+1} Ω)``;
-    4. Rayleigh–Ritz: ``B = Qᵀ M Q`` (symmetrised, ``ℓ × ℓ``), ``B = W Θ Wᵀ`` by
-       :func:`~kldwrm.curvature.linalg.sym_eig` (which retries in float64 if LAPACK fails
-       and clamps at 0), Ritz vectors ``Q W``; the ``k`` largest Ritz pairs are returned.
-
+    Algorithm (HMT algorithms 4.4 and 5.3, ``ℓ = rank + oversample`` columns; each helper
+    documents its step's math): a starting block ``Ω`` (``n × ℓ``, Gaussian or warm-started,
+    :func:`_start_block`); ``Q`` with ``span Q = span(M^{q+1} Ω)`` from a range finder and
+    ``q = power_iters`` subspace iterations (:func:`_range_finder`, with the HMT bound);
+    Rayleigh–Ritz on ``B = Qᵀ M Q``, keeping the ``k`` largest Ritz pairs
+    (:func:`_rayleigh_ritz`, with the guarantees ``0 ≤ θ_i ≤ λ_i`` and the operator error).
     When ``ℓ ≥ n`` the sketch would be as large as the matrix: the exact decomposition
-    (:func:`~kldwrm.curvature.linalg.sym_eig`) is used instead and its top ``k`` pairs
-    returned (``init`` and ``generator`` are then not used).
-
-    Cost: ``power_iters + 2`` products ``M·(n × ℓ)`` at ``O(n² ℓ)`` each, ``power_iters + 1``
-    QRs of ``n × ℓ`` blocks at ``O(n ℓ²)`` and one ``ℓ × ℓ`` eigendecomposition at
-    ``O(ℓ³)``: ``O(n² ℓ)`` in all, no ``O(n³)`` step. Memory ``O(n ℓ)`` besides ``mat``.
-
-    Guarantees, for symmetric PSD ``M`` with eigenvalues ``λ_1 ≥ λ_2 ≥ …`` and returned
-    Ritz values ``θ_1 ≥ … ≥ θ_k``:
-
-    * deterministic (Cauchy interlacing for the compression ``QᵀMQ``):
-      ``0 ≤ θ_i ≤ λ_i`` up to rounding, whatever ``Ω``; and by Eckart–Young
-      ``‖M − V Θ Vᵀ‖₂ ≥ λ_{k+1}`` (the error can only be judged against that optimum);
-    * in expectation over a Gaussian ``Ω`` with ``k ≥ 2``, ``p = oversample ≥ 2`` and
-      ``s = q + 1``
-      products (HMT Corollary 10.10, with Proposition 8.6 applied to ``M^s``, valid
-      because ``M`` is PSD)::
-
-          E‖(I − QQᵀ) M‖₂ ≤ [1 + √(k/(p−1)) + (e√(k+p)/p)·√(n−k)]^{1/s} · λ_{k+1}
-
-      so power iterations drive the factor towards 1 geometrically in ``1/s``. The returned
-      rank-``k`` operator obeys ``‖M − V Θ Vᵀ‖₂ ≤ θ_{k+1} + 2‖(I − QQᵀ) M‖₂ ≤ λ_{k+1} +
-      2‖(I − QQᵀ) M‖₂`` deterministically (``θ_{k+1}``: the largest discarded Ritz value);
-    * eigenvalue errors are second order in the subspace error: for a well separated
-      ``λ_i``, ``λ_i − θ_i`` behaves like ``λ_i (λ_{ℓ+1}/λ_i)^{2s}`` times a modest random
-      factor (subspace-iteration convergence; cf. Gu, "Subspace iteration randomization and
-      singular value problems", SISC 2015). An estimate, not a bound.
-
-    Warm start (``init``): an ``(n, r0)`` basis, typically the ``evecs`` of the previous
-    refresh (leading columns first, as this function returns them). Its first
-    ``min(r0, rank)`` columns replace as many Gaussian columns of ``Ω``, the remaining
-    ``ℓ − min(r0, rank)`` columns (at least ``oversample``) stay Gaussian: ``Ω = [init,
-    G]``. Between refreshes an exponentially averaged factor moves by ``O(1 − ρ)``, so the
-    old basis is already close to the new dominant subspace and the first product ``M Ω``
-    is in effect one more subspace iteration of the previous solve; fewer (often zero)
-    power iterations are then needed. The random columns let the sketch pick up directions
-    the old basis lacks (a mode that grew); the HMT bound above then holds only with the
-    ``ℓ − min(r0, rank)`` random columns as the sketch (target rank that width minus at
-    least 2), so the accuracy of a warm start rests on ``init`` being close to the dominant
-    subspace, not on the probabilistic bound.
-    ``init`` need not be orthonormal (it is multiplied by ``M`` and orthonormalised), but
-    it must be finite and of full column rank for its columns to help.
+    (:func:`~kldwrm.curvature.linalg.sym_eig`) gives the top ``k`` pairs instead (``init``
+    and ``generator`` unused). Cost ``O(n² ℓ)``, memory ``O(n ℓ)`` (module docstring).
 
     Args:
         mat: symmetric PSD ``(n, n)`` matrix, float32 or float64.
         rank: number of eigenpairs wanted, ``≥ 1``; ``k = min(rank, n)`` are returned.
         oversample: extra sketch columns ``p ≥ 0`` (HMT recommend 5-10; the bound needs 2).
         power_iters: subspace iterations ``q ≥ 0`` after the first product.
-        init: optional ``(n, r0)`` warm-start basis (cast to ``mat``'s dtype and device).
-        generator: source of the Gaussian columns for reproducible sketches. The sketch is
-            drawn on the generator's device and moved to ``mat``'s, so a CPU generator
-            gives the same sketch for a CPU or a CUDA matrix; without one, torch's global
-            generator for ``mat``'s device is used.
+        init: optional ``(n, r0)`` warm-start basis (cast to ``mat``'s dtype and device),
+            typically the previous refresh's ``evecs``: see :func:`_start_block`.
+        generator: source of the Gaussian columns (reproducible sketches), drawn on its
+            device and moved to ``mat``'s: a CPU generator gives the same sketch for a CPU
+            or a CUDA matrix; default: torch's global generator for ``mat``'s device.
         name: what ``mat`` is, for the error message of a failed decomposition.
 
     Raises:
@@ -129,13 +85,55 @@ def randomized_eigh(
     if width >= n:
         evals, evecs = sym_eig(_finite(mat, name), name)
         return evals.flip(0)[:k], evecs.flip(1)[:, :k]
-
     omega = _start_block(mat, rank, width, init, generator)
     with single_thread(n):
-        q = _orth(mat @ omega)
-        for _ in range(power_iters):
-            q = _orth(mat @ q)
+        q = _range_finder(mat, omega, power_iters)
         small = q.T @ (mat @ q)
+    return _rayleigh_ritz(q, small, k, name)
+
+
+def _range_finder(mat: Tensor, omega: Tensor, power_iters: int) -> Tensor:
+    """Orthonormal ``Q`` (``n × ℓ``) with ``span Q = span(M^{q+1} Ω)``, ``q = power_iters``.
+
+    Range finder ``Q = orth(M Ω)`` by a Householder QR, then ``power_iters`` subspace
+    iterations ``Q ← orth(M Q)``, re-orthonormalised by QR each time so that the small
+    eigendirections are not lost to rounding.
+
+    In expectation over a Gaussian ``Ω`` with ``k ≥ 2``, ``p = oversample ≥ 2`` and
+    ``s = q + 1`` products (HMT Corollary 10.10, with Proposition 8.6 applied to ``M^s``,
+    valid because ``M`` is PSD)::
+
+        E‖(I − QQᵀ) M‖₂ ≤ [1 + √(k/(p−1)) + (e√(k+p)/p)·√(n−k)]^{1/s} · λ_{k+1}
+
+    so power iterations drive the factor towards 1 geometrically in ``1/s``. With a warm
+    start the bound holds only with the random columns of ``Ω`` as the sketch (see
+    :func:`_start_block`).
+    """
+    q = _orth(mat @ omega)
+    for _ in range(power_iters):
+        q = _orth(mat @ q)
+    return q
+
+
+def _rayleigh_ritz(q: Tensor, small: Tensor, k: int, name: str) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest Ritz pairs of ``M`` on ``span Q``, from ``small = B = Qᵀ M Q``.
+
+    ``B = W Θ Wᵀ`` (``ℓ × ℓ``, symmetrised) by :func:`~kldwrm.curvature.linalg.sym_eig`
+    (which retries in float64 if LAPACK fails and clamps at 0); the Ritz vectors are
+    ``Q W``. Returns ``(θ_1 ≥ … ≥ θ_k, V)``, ``V = Q W[:, :k]``. Guarantees, for symmetric
+    PSD ``M`` with eigenvalues ``λ_1 ≥ λ_2 ≥ …``:
+
+    * deterministic (Cauchy interlacing for the compression ``QᵀMQ``):
+      ``0 ≤ θ_i ≤ λ_i`` up to rounding, whatever ``Ω``; and by Eckart–Young
+      ``‖M − V Θ Vᵀ‖₂ ≥ λ_{k+1}`` (the error can only be judged against that optimum);
+    * the returned rank-``k`` operator obeys ``‖M − V Θ Vᵀ‖₂ ≤ θ_{k+1} + 2‖(I − QQᵀ) M‖₂
+      ≤ λ_{k+1} + 2‖(I − QQᵀ) M‖₂`` deterministically (``θ_{k+1}``: the largest
+      discarded Ritz value; :func:`_range_finder` bounds ``‖(I − QQᵀ) M‖₂``);
+    * eigenvalue errors are second order in the subspace error: for a well separated
+      ``λ_i``, ``λ_i − θ_i`` behaves like ``λ_i (λ_{ℓ+1}/λ_i)^{2s}`` times a modest random
+      factor (subspace-iteration convergence; cf. Gu, "Subspace iteration randomization and
+      singular value problems", SISC 2015). An estimate, not a bound.
+    """
     ritz_vals, ritz_vecs = sym_eig(_finite(small, name), name)  # ascending
     top = ritz_vecs.flip(1)[:, :k]
     return ritz_vals.flip(0)[:k], q @ top
@@ -178,7 +176,26 @@ def _check(mat: Tensor, rank: int, oversample: int, power_iters: int) -> None:
 def _start_block(
     mat: Tensor, rank: int, width: int, init: Tensor | None, generator: torch.Generator | None
 ) -> Tensor:
-    """``Ω = [init[:, :min(r0, rank)], G]`` with Gaussian ``G`` of about unit-norm columns."""
+    """``Ω = [init[:, :min(r0, rank)], G]`` with Gaussian ``G`` of about unit-norm columns.
+
+    Without ``init``: ``ℓ = width`` i.i.d. Gaussian columns drawn from ``generator``,
+    scaled by ``1/√n``.
+
+    Warm start (``init``): an ``(n, r0)`` basis, typically the ``evecs`` of the previous
+    refresh (leading columns first, as :func:`randomized_eigh` returns them). Its first
+    ``min(r0, rank)`` columns replace as many Gaussian columns of ``Ω``, the remaining
+    ``ℓ − min(r0, rank)`` columns (at least ``oversample``) stay Gaussian: ``Ω = [init,
+    G]``. Between refreshes an exponentially averaged factor moves by ``O(1 − ρ)``, so the
+    old basis is already close to the new dominant subspace and the first product ``M Ω``
+    is in effect one more subspace iteration of the previous solve; fewer (often zero)
+    power iterations are then needed. The random columns let the sketch pick up directions
+    the old basis lacks (a mode that grew); the HMT bound of :func:`_range_finder` then
+    holds only with the ``ℓ − min(r0, rank)`` random columns as the sketch (target rank
+    that width minus at least 2), so the accuracy of a warm start rests on ``init`` being
+    close to the dominant subspace, not on the probabilistic bound.
+    ``init`` need not be orthonormal (it is multiplied by ``M`` and orthonormalised), but
+    it must be finite and of full column rank for its columns to help.
+    """
     n = mat.shape[0]
     warm = mat.new_zeros((n, 0))
     if init is not None:
