@@ -192,11 +192,12 @@ PEER_NOTES = {
 
 #: under the main table, after the peers' figures against issue 22's: written by hand
 PEER_FINDINGS = [
-    "At 600 steps SO (1.360) is ahead of SOAP (1.369) on every seed, by 0.003-0.014, and "
-    "ahead at steps 150 and 300 too; kldwrm's K-FAC (1.405) and Q (1.426) are behind SOAP; "
-    "kfac-pytorch's K-FAC (1.913) lies between SGD and AdamW. The step-time ratios are "
-    "noisy on the shared 2-core machine (per seed, SOAP 1.21-1.31x and kfac-pytorch "
-    "1.76-2.28x its AdamW).",
+    "At 600 steps SO (1.354 mean) is ahead of SOAP (1.369) on every seed, by 0.012-0.018, "
+    "and ahead at steps 150 and 300 too; kldwrm's K-FAC (1.391) is 0.016-0.030 behind SOAP "
+    "and Q (1.421) 0.045-0.058 behind; kfac-pytorch's K-FAC (1.913) lies between SGD and "
+    "AdamW. The kldwrm rows were measured alone on a quiet machine (K-FAC 1.20x, SO and Q "
+    "1.28x AdamW); the peers' step-time ratios are noisy, measured under load (per seed, "
+    "SOAP 1.21-1.31x and kfac-pytorch 1.76-2.28x its AdamW).",
     "Issue 22 did not record its kfac-pytorch arguments; with the constructor's defaults "
     "instead (`inv_update_steps=1`, `damping=0.001`, the rest as above) kfac-pytorch "
     "reached 2.313 at seed 0 (one run, not stored).",
@@ -210,16 +211,14 @@ PEER_FINDINGS = [
 #: hand from the stored rows, printed under that size's table
 NOTES = {
     (128, 4): [
-        "The ordering holds (SO < K-FAC < Q < AdamW); the step time misses the 1.3x target "
-        "at this size (1.38-1.45x): the refresh's eigendecompositions of the 513x513 MLP "
-        "factors every 10 steps and the rotations are the extra cost. 2000-step runs were "
-        "not made.",
-        "Beside the peers (their own AdamW run, the least s/step of 2 round-robin repeats): "
-        "SOAP 1.319 at step 600 (1.46x its AdamW), kfac-pytorch's K-FAC 1.781 (2.18x). "
-        "SOAP lies between SO (1.311) and K-FAC (1.327), within the spread the machine "
-        "makes here: AdamW's own loss at step 600 is 1.599 in kldwrm's run and 1.572 in the "
-        "peers' (earlier session and machine against this one; bit for bit the peers' with "
-        "kldwrm's venv on the peers' machine).",
+        "The ordering holds (SO 1.314 < K-FAC 1.330 < Q 1.371 < AdamW 1.572), and SOAP "
+        "(1.319 in its own run, 1.46x its AdamW) lies between SO and K-FAC; kfac-pytorch's "
+        "K-FAC reaches 1.781 (2.18x). Both runs were on the same machine (the two AdamW rows "
+        "agree bit for bit). The s/step of the kldwrm rows here was measured while the test "
+        "suite ran beside them and is not a figure to compare: an earlier quiet run of the "
+        "previous preset gave 1.38-1.45x AdamW at this size, above the 1.3x target (the "
+        "eigendecompositions of the 513x513 MLP factors every 10 steps and the rotations "
+        "are the extra cost). 2000-step runs and seeds 1-2 at this size were not made.",
     ],
 }
 

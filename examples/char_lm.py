@@ -47,11 +47,12 @@ only (evaluation excluded).
 What it finds
 -------------
 With kldwrm's transformer preset (:data:`SETTINGS`, ``kldwrm.TRANSFORMER_SETTINGS``: K-FAC's
-eigenbasis with Adam's metric measured in it every step, see the README), validation loss
-after 600 steps at seed 0 (the seed it was tuned on), 1 and 2: AdamW (lr 3e-3) 1.607, 1.552,
-1.532; SGD 2.159, 2.140, 2.115; K-FAC 1.401, 1.407, 1.406; SO 1.364, 1.359, 1.359; Q 1.439,
-1.418, 1.421
-(``python -m benchmarks.lm``; docs/lm_benchmark.md).
+eigenbasis with Adam's metric measured in it every step, Kronecker blocks for the
+embeddings, see the README), validation loss after 600 steps at seed 0 (the seed it was
+tuned on), 1 and 2: AdamW (lr 3e-3) 1.607, 1.553, 1.532; SGD 2.159, 2.140, 2.115; K-FAC
+1.397, 1.389, 1.389; SO 1.349, 1.356, 1.358; Q 1.425, 1.419, 1.418; SOAP's released code
+1.367, 1.368, 1.373 (``python -m benchmarks.lm``, ``benchmarks/lm_peers.py``;
+docs/lm_benchmark.md).
 
 With kldwrm 0.2's settings (``--settings v0.2``, :data:`SETTINGS_V02`), validation loss
 after 300 steps (nats per character; for scale, character n-gram models
