@@ -136,6 +136,17 @@ def _optimized(model: nn.Module, params: Iterable[Any] | None) -> list[Any]:
     return out
 
 
+def _check_options(momentum: float, eigen_beta: float, eigen_power: float,
+                   damping_split: str, curvature: str, rank: int | None, embeddings: str,
+                   weight_sharing: str) -> None:
+    """``ValueError`` naming the first bad keyword-only option."""
+    check_unit_interval("momentum", momentum)
+    _check_eigen(eigen_beta, eigen_power)
+    _check_damping_split(damping_split, curvature, rank)
+    check_choice("embeddings", embeddings, EMBEDDINGS)
+    check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
+
+
 def _check_damping_split(damping_split: str, curvature: str, rank: int | None) -> None:
     check_choice("damping_split", damping_split, DAMPING_SPLITS)
     if damping_split == "pi" and (curvature != "kron" or rank is not None):
@@ -255,11 +266,8 @@ class CurvatureOptimizer(Optimizer):
         embeddings: str = "diagonal",
         weight_sharing: str = "expand",
     ) -> None:
-        check_unit_interval("momentum", momentum)
-        _check_eigen(eigen_beta, eigen_power)
-        _check_damping_split(damping_split, curvature, rank)
-        check_choice("embeddings", embeddings, EMBEDDINGS)
-        check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
+        _check_options(momentum, eigen_beta, eigen_power, damping_split, curvature, rank,
+                       embeddings, weight_sharing)
         self.adaptive_damping = lm.as_schedule(adaptive_damping)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
