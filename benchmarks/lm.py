@@ -242,7 +242,7 @@ def _command(rows: list[dict], path: Path | None) -> str:
     peers = _is_peers(rows)
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     default = ["adam", *PEER_LABELS] if peers else list(NAMES)
-    out = ("benchmarks/.peers-venv/bin/python -m benchmarks.lm_peers" if peers
+    out = ("../peers-venv/bin/python -m benchmarks.lm_peers" if peers
            else "python -m benchmarks.lm")
     out += f" --steps {first['steps']} --seeds " + ",".join(
         str(s) for s in dict.fromkeys(r["seed"] for r in rows))

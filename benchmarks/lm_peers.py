@@ -24,24 +24,25 @@ per step; ``s_per_step_runs`` lists every repeat's.
   every ``nn.Linear`` gets K-FAC and the embeddings and LayerNorms plain SGD momentum);
   each step is ``preconditioner.step()`` then ``optimizer.step()``, both timed.
 
-The peers are never dependencies of kldwrm: they live in a git-ignored venv of their own.
+The peers are never dependencies of kldwrm: they live in a venv of their own, outside the
+repository (``../peers-venv``, beside ``../shared``), so no scan of the tree meets them.
 To re-measure (from the repository root; any clone of the two GitHub repositories,
 nikhilvyas/SOAP and gpauloski/kfac-pytorch, serves for ``git archive``)::
 
-    python3 -m venv benchmarks/.peers-venv
-    benchmarks/.peers-venv/bin/pip install -c constraints.txt torch==2.13.0
-    benchmarks/.peers-venv/bin/pip install -c constraints.txt --no-deps -e .
-    mkdir -p benchmarks/.peers-venv/peers/SOAP benchmarks/.peers-venv/peers/kfac-pytorch
+    python3 -m venv ../peers-venv
+    ../peers-venv/bin/pip install -c constraints.txt torch==2.13.0
+    ../peers-venv/bin/pip install -c constraints.txt --no-deps -e .
+    mkdir -p ../peers-venv/peers/SOAP ../peers-venv/peers/kfac-pytorch
     git -C <SOAP clone> archive a1e553530fde97d0e6b307d7c82ac6d38b072340 \\
-        | tar -x -C benchmarks/.peers-venv/peers/SOAP
+        | tar -x -C ../peers-venv/peers/SOAP
     git -C <kfac-pytorch clone> archive 869cf110334e5a6e9ea054bafdc4558313a821e8 \\
-        | tar -x -C benchmarks/.peers-venv/peers/kfac-pytorch
-    benchmarks/.peers-venv/bin/pip install -c constraints.txt --no-deps \\
-        benchmarks/.peers-venv/peers/kfac-pytorch
-    export OMP_NUM_THREADS=1 PYTHONPATH=benchmarks/.peers-venv/peers/SOAP
-    benchmarks/.peers-venv/bin/python -m benchmarks.lm_peers --steps 600 --seeds 0,1,2 \\
+        | tar -x -C ../peers-venv/peers/kfac-pytorch
+    ../peers-venv/bin/pip install -c constraints.txt --no-deps \\
+        ../peers-venv/peers/kfac-pytorch
+    export OMP_NUM_THREADS=1 PYTHONPATH=../peers-venv/peers/SOAP
+    ../peers-venv/bin/python -m benchmarks.lm_peers --steps 600 --seeds 0,1,2 \\
         --out docs/results/lm_peers_600.json
-    benchmarks/.peers-venv/bin/python -m benchmarks.lm_peers --steps 600 --seeds 0 \\
+    ../peers-venv/bin/python -m benchmarks.lm_peers --steps 600 --seeds 0 \\
         --d-model 128 --layers 4 --repeats 2 --out docs/results/lm_peers_600_d128_l4.json
 
 kfac-pytorch needs only torch (``dependencies = ["torch>=2"]``); SOAP is the one file
