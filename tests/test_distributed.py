@@ -52,7 +52,15 @@ CASES = {
     # examples; the adaptive moments come from the already-reduced gradient
     "kfac-ekfac": (KFAC, dict(curvature="ekfac"), True),
     "q-adaptive": (QKLDWRM, dict(curvature="adaptive", eigen_power=0.5, momentum=0.5), False),
+    # each block decomposed by one rank, the results all-reduced
+    "kfac-sharded": (KFAC, dict(decompositions="sharded"), True),
+    "q-sharded": (QKLDWRM, dict(decompositions="sharded"), False),
+    "q-rank-sharded": (QKLDWRM, dict(rank=4, decompositions="sharded"), False),
+    "kfac-ekfac-sharded": (KFAC, dict(curvature="ekfac", decompositions="sharded"), True),
 }
+#: a sharded-decomposition case → its replicated counterpart (bitwise the same steps)
+SHARDED = {"kfac-sharded": "kfac", "q-sharded": "q", "q-rank-sharded": "q-rank",
+           "kfac-ekfac-sharded": "kfac-ekfac"}
 
 
 #: a case run on a model under activation checkpointing → the case it must equal unwrapped
@@ -171,6 +179,26 @@ def test_two_ranks_of_a_checkpointed_model_equal_the_plain_model_in_one_process(
     single = _run(CHECKPOINTED[name], "empirical", 0, 1)
     for r in range(2):
         assert _rel_err(two_rank_results[r][name], single) <= 1e-10
+
+
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_decompositions_take_the_replicated_steps(name, two_rank_results):
+    """One rank decomposes each block, the others add zeros: the ranks stay bitwise
+    identical, and the steps are the replicated ones up to rounding (the received
+    eigenvectors are laid out row-major, eigh's column-major, so products round apart)."""
+    ours = [two_rank_results[r][name] for r in range(2)]
+    for x, y in zip(*ours, strict=True):
+        assert torch.equal(x, y)
+    assert _rel_err(ours[0], two_rank_results[0][SHARDED[name]]) <= 1e-12
+
+
+def test_decompositions_are_balanced_by_cost():
+    from kldwrm.distributed import assign_by_cost
+
+    # largest first to the least loaded rank: 8→0, 8→1, 2→0, 1→1, 1→1 (10 and 10)
+    assert assign_by_cost([1.0, 8.0, 1.0, 8.0, 2.0], 2) == [1, 0, 1, 1, 0]
+    assert assign_by_cost([5.0] * 8, 4) == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert assign_by_cost([3.0], 4) == [0]
 
 
 @pytest.mark.parametrize("name", ["kfac", "q"])

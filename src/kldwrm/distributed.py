@@ -10,7 +10,11 @@ rank). See ``docs/distributed.md`` for launching with ``torchrun`` and for what 
 * :func:`rank_seed` and :func:`broadcast_generator_` keep the "mc" label sampling
   decorrelated between ranks but reproducible from one shared generator state;
 * :func:`init_from_env` starts the process group under ``torchrun`` (timeout and
-  start-up barrier included).
+  start-up barrier included);
+* :func:`full`, :func:`zeros_full` and :func:`shard_like` are the boundary with a model
+  sharded by FSDP2 (``fully_shard``): its parameters and gradients are ``DTensor`` shards,
+  gathered to whole tensors before the step's arithmetic and sliced back to this rank's
+  shard for the update.
 
 What crosses the network per block is tabulated by
 :func:`kldwrm.curvature.traffic.communication_bytes`. This module knows nothing of the
@@ -21,11 +25,21 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+
+def _loaded(module: str, name: str) -> Any:
+    """``module.name`` if the user's program has imported ``module``, else ``None``: a
+    ``DTensor`` or an FSDP module cannot exist before, and importing them eagerly would
+    load sympy with ``import kldwrm``."""
+    mod = sys.modules.get(module)
+    return None if mod is None else getattr(mod, name, None)
 
 
 def world_size() -> int:
@@ -49,16 +63,50 @@ def is_distributed() -> bool:
 
 def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
     """In-place mean over ranks of every tensor (one flattened all-reduce)."""
+    all_reduce_sum_(tensors, mean=True)
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor], mean: bool = False) -> None:
+    """In-place sum (or mean) over ranks of every tensor (see :func:`summed`)."""
+    for t, r in zip(tensors, summed(tensors, mean), strict=True):
+        if r is not t:
+            t.copy_(r)
+
+
+def summed(tensors: Sequence[Tensor], mean: bool = False) -> list[Tensor]:
+    """The sums (or means) over ranks of ``tensors``, as contiguous views of one flattened
+    all-reduce per dtype and device (``tensors`` itself in one process). A tensor that one
+    rank fills and the others leave at zero arrives bit for bit as that rank computed it
+    (``x + 0 = x``), in the same memory layout on every rank."""
     if not is_distributed() or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    i = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[i : i + n].view_as(t))
-        i += n
+        return list(tensors)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for j, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(j)
+    out: list[Tensor] = list(tensors)
+    for group in groups.values():
+        flat = torch.cat([tensors[j].reshape(-1) for j in group])
+        dist.all_reduce(flat)
+        if mean:
+            flat /= world_size()
+        i = 0
+        for j in group:
+            n = tensors[j].numel()
+            out[j] = flat[i : i + n].view(tensors[j].shape)
+            i += n
+    return out
+
+
+def assign_by_cost(costs: Sequence[float], ranks: int) -> list[int]:
+    """The rank that does each of ``costs``' jobs, balanced greedily (the largest job first,
+    to the least loaded rank; ties to the lower rank): the same answer on every rank."""
+    load = [0.0] * ranks
+    owner = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[j] = r
+        load[r] += costs[j]
+    return owner
 
 
 def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -178,6 +226,45 @@ def init_from_env(
     else:
         dist.barrier()
     return True
+
+
+def is_sharded(t: Tensor | None) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter or gradient of an FSDP2 model)."""
+    cls = _loaded("torch.distributed.tensor", "DTensor")
+    return cls is not None and isinstance(t, cls)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor behind ``t``: a ``DTensor`` is gathered (a collective: every rank
+    must call it for the same tensors in the same order), anything else is returned as is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def zeros_full(p: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Zeros of ``p``'s whole shape on its device (a plain tensor even for a ``DTensor``)."""
+    return torch.zeros(p.shape, dtype=p.dtype if dtype is None else dtype, device=p.device)
+
+
+def shard_like(whole: Tensor, p: Tensor) -> Tensor:
+    """``whole`` (the same on every rank) laid out as ``p``: for a ``DTensor`` parameter,
+    this rank's shard of it, cut locally without communication; otherwise ``whole``."""
+    if not is_sharded(p):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 module in ``model`` (``reshard()``), so
+    that its next forward gathers its shards as they are then (FSDP keeps the root's
+    parameters gathered after a forward pass)."""
+    cls = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if cls is None:
+        return
+    for m in model.modules():
+        if isinstance(m, cls):
+            m.reshard()
 
 
 def shutdown() -> None:

@@ -17,6 +17,7 @@ from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock
 from .engine import (
     CURVATURES,
+    DECOMPOSITIONS,
     DENSE_SCOPES,
     EMBEDDINGS,
     WEIGHT_SHARING,
@@ -31,6 +32,7 @@ __all__ = [
     "BiasBlock",
     "Block",
     "CURVATURES",
+    "DECOMPOSITIONS",
     "Capture",
     "CurvatureEngine",
     "CurvatureError",

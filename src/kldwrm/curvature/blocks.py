@@ -202,12 +202,16 @@ class FactoredBlock(Block):
 
     def empty_statistics(self):
         d_in, d_out = self._factor_sizes()
-        z = self.module.weight.new_zeros
-        return ({"A": z(d_in, d_in, dtype=self.dtype), "G": z(d_out, d_out, dtype=self.dtype)},
+        dev = self.module.weight.device
+
+        def z(*shape: int) -> Tensor:  # plain zeros, also for an FSDP-sharded weight
+            return torch.zeros(shape, dtype=self.dtype, device=dev)
+
+        return ({"A": z(d_in, d_in), "G": z(d_out, d_out)},
                 {"A": 0.0, "G": 0.0})
 
-    def fold(self, fresh: dict[str, Tensor], rho: float) -> None:
-        self.factors.fold(fresh["A"], fresh["G"], rho)
+    def fold(self, fresh: dict[str, Tensor], rho: float, decompose: bool = True) -> None:
+        self.factors.fold(fresh["A"], fresh["G"], rho, decompose)
         self._observed = None  # a new basis
         self.initialized = True
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import rank, rank_seed, world_size
+from ..distributed import is_sharded, rank, rank_seed, world_size
 
 FISHER_TYPES = ("mc", "empirical", "exact")
 LIKELIHOODS = ("categorical", "gaussian")
@@ -156,6 +156,8 @@ class Capture:
         self.in_sampled_backward = False
         self.output = output
         self._handles: list = []
+        #: FSDP2: per sharded diagonal tensor, the unsharded tensor its forward used
+        self._live: dict[nn.Parameter, Tensor] = {}
         self.armed = False
         self.paused = False
         #: generator state before this step's first label sample (restored on a skipped step)
@@ -173,7 +175,29 @@ class Capture:
         self._handles.append(
             self.root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
         )
+        self._watch_sharded(self.diag_params)
         self.armed = True
+
+    def _watch_sharded(self, diag_params: Sequence[nn.Parameter]) -> None:
+        """Under FSDP2 a diagonal block's tensor is a ``DTensor`` shard, and its module's
+        forward uses the gathered (unsharded) parameter that FSDP registers in its place:
+        a forward pre-hook (after FSDP's own) notes that tensor, the one the "mc" labels'
+        gradient is taken with respect to."""
+        owners: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
+        wanted = {id(p): p for p in diag_params if is_sharded(p)}
+        if not wanted:
+            return
+        for m in self.root.modules():
+            for name, q in m._parameters.items():
+                if q is not None and id(q) in wanted:
+                    owners.setdefault(m, []).append((name, wanted[id(q)]))
+
+        def note(module: nn.Module, args: tuple) -> None:
+            for name, p in owners[module]:
+                self._live[p] = module._parameters[name]
+
+        for m in owners:
+            self._handles.append(m.register_forward_pre_hook(note))
 
     def arm_in_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Arm from inside the root module's forward pre-hooks, for the pass now starting
@@ -191,6 +215,7 @@ class Capture:
         if self.armed:
             for m in kron_modules:
                 self._handles.append(m.register_forward_hook(self._layer_hook))
+            self._watch_sharded(diag_params)
 
     def disarm(self) -> None:
         """Remove every hook and drop what was recorded."""
@@ -423,7 +448,8 @@ class Capture:
             if reentrant:
                 grads = self._sampled_backward_all(loss, outputs, diag)
             else:
-                grads = torch.autograd.grad(loss, outputs + diag, retain_graph=True,
+                live = [self._live.get(p, p) for p in diag]  # FSDP2: the unsharded tensors
+                grads = torch.autograd.grad(loss, outputs + live, retain_graph=True,
                                             allow_unused=True)
         finally:
             self.in_sampled_backward = False

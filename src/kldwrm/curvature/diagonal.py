@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..distributed import zeros_full
 from .blocks import Block
 from .capture import widen
 from .eigen import EigenMoments
@@ -51,7 +52,7 @@ class DiagonalBlock(Block):
         p = self.params[0]
         if capture.fisher != "mc":
             est = self.fresh(capture, grads)
-            seen = p.new_ones(1, dtype=torch.float32)
+            seen = torch.ones(1, dtype=torch.float32, device=p.device)
             if est is None:
                 est, seen = {"F": self._zeros()}, seen.zero_()
             return {"F": est["F"], "seen": seen}, {"F": None, "seen": None}
@@ -63,7 +64,7 @@ class DiagonalBlock(Block):
 
     def _zeros(self) -> Tensor:
         p = self.params[0]
-        return p.new_zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32))
+        return zeros_full(p, torch.promote_types(p.dtype, torch.float32))
 
     def empty_statistics(self):
         return {"gbar": self._zeros()}, {"gbar": 0.0}

@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_weighted_, is_distributed
+from ..distributed import (
+    all_reduce_weighted_,
+    assign_by_cost,
+    is_distributed,
+    summed,
+    world_size,
+)
+from ..distributed import rank as this_rank
 from .blocks import (
     BiasBlock,
     Block,
@@ -29,6 +36,7 @@ from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
 from .eigen import CORRECTED, EigenMoments
 from .embedding import EmbeddingBlock, embedding_supported
+from .kron import decomposition_cost
 from .linalg import all_finite
 from .transposed import TransposedConvBlock
 
@@ -52,6 +60,15 @@ EMBEDDINGS = ("diagonal", "kron")
 
 #: how a linear layer shared over positions is approximated (Eschenhagen et al. 2023)
 WEIGHT_SHARING = ("expand", "reduce")
+
+#: who decomposes the Kronecker factors on a refresh under ``torch.distributed``: every
+#: rank every block, one rank each block (results all-reduced), or the latter when the
+#: refresh's decompositions cost more than :data:`SHARD_DECOMPOSITIONS_ABOVE`
+DECOMPOSITIONS = ("auto", "replicated", "sharded")
+
+#: ``decompositions="auto"`` shards a refresh whose summed ``n³`` exceeds this (chosen by
+#: measurement, docs/distributed.md)
+SHARD_DECOMPOSITIONS_ABOVE = 2.0e8
 
 
 def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
@@ -145,6 +162,8 @@ class CurvatureEngine:
         self.dense_scope = dense_scope
         self.bias = bias
         self.rank = rank
+        #: how a refresh's decompositions are divided over ranks (:data:`DECOMPOSITIONS`)
+        self.decompositions = "replicated"
         self.params: list[nn.Parameter] = []
         self.blocks: list[Block] = []
         #: positions of each block's tensors in the flat parameter list
@@ -285,14 +304,51 @@ class CurvatureEngine:
 
     def fold(self, estimates: Sequence[dict[str, Tensor] | None], rho: float) -> None:
         """EA update and re-decomposition of every block (eqs. 12-13); a block without an
-        estimate keeps its average, which also stands in for its fresh estimate."""
-        for b, est in zip(self.blocks, estimates, strict=True):
+        estimate keeps its average, which also stands in for its fresh estimate.
+
+        Under ``torch.distributed`` with sharded decompositions (:meth:`decomposers`) each
+        Kronecker block is decomposed by one rank only and the results are summed over
+        ranks in one flattened all-reduce (the other ranks contribute zeros), so every rank
+        ends with the same decomposition bit for bit."""
+        owners = self.decomposers(estimates)
+        me = this_rank()
+        for bi, (b, est) in enumerate(zip(self.blocks, estimates, strict=True)):
             if est is None:
                 b.keep_average()
+            elif bi in owners:
+                b.fold(est, rho, decompose=owners[bi] == me)
             else:
                 b.fold(est, rho)
+        if owners:
+            self._share_decompositions(list(owners))
         if self.curvature == "ekfac":
             self._fold_example_moments(estimates, rho)
+
+    def _share_decompositions(self, blocks: list[int]) -> None:
+        """Every rank receives each block's decomposition from its owner: the owners' tensors
+        and the others' zeros summed in one all-reduce, every rank keeping the result in
+        the same (contiguous) layout, so later products round alike on every rank."""
+        parts = [self.blocks[bi].factors.shared() for bi in blocks]
+        flat = summed([t for part in parts for t in part])
+        i = 0
+        for bi, part in zip(blocks, parts, strict=True):
+            self.blocks[bi].factors.set_shared(flat[i : i + len(part)])
+            i += len(part)
+
+    def decomposers(self, estimates: Sequence[dict[str, Tensor] | None]) -> dict[int, int]:
+        """The rank that decomposes each Kronecker block folded now, balanced by cost
+        (:func:`~kldwrm.distributed.assign_by_cost`); empty when every rank decomposes
+        every block (one process, ``decompositions="replicated"``, or ``"auto"`` below
+        its threshold, :data:`SHARD_DECOMPOSITIONS_ABOVE`)."""
+        if not is_distributed() or self.decompositions == "replicated":
+            return {}
+        folded = [bi for bi, (b, est) in enumerate(zip(self.blocks, estimates, strict=True))
+                  if est is not None and isinstance(b, FactoredBlock)]
+        costs = [decomposition_cost((estimates[bi]["A"], estimates[bi]["G"]), self.rank)
+                 for bi in folded]
+        if self.decompositions == "auto" and sum(costs) < SHARD_DECOMPOSITIONS_ABOVE:
+            return {}
+        return dict(zip(folded, assign_by_cost(costs, world_size()), strict=True))
 
     def _fold_example_moments(self, estimates: Sequence[dict[str, Tensor] | None],
                               rho: float) -> None:
@@ -349,7 +405,8 @@ class CurvatureEngine:
         if blocks is None:
             blocks = [i for i, b in enumerate(self.blocks) if b.initialized]
         if vecs is None:
-            out: list[Tensor] = [torch.ones_like(p, dtype=_wide(p)) for p in self.params]
+            out: list[Tensor] = [torch.ones(p.shape, dtype=_wide(p), device=p.device)
+                                 for p in self.params]
         else:
             out = list(vecs)
         for bi in blocks:

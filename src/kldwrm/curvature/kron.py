@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,18 @@ def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: flo
     return out
 
 
+def decomposition_cost(factors: Sequence[Tensor], rank: int | None) -> float:
+    """Flops of decomposing ``factors``, up to a constant: ``n³`` per exact factor, ``n²k``
+    per randomized one (a diagonal factor, a vector, costs nothing)."""
+    cost = 0.0
+    for mat in factors:
+        if mat.dim() == 2:
+            n = mat.shape[0]
+            k = n if rank is None else min(rank, n)
+            cost += float(n) * n * k
+    return cost
+
+
 def ea_update(old: Tensor | None, new: Tensor, rho: float) -> Tensor:
     """Eq. 12/13 update; the first estimate seeds the average (F̄_0 = F_0)."""
     if old is None:
@@ -171,17 +183,47 @@ class KroneckerFactors:
         return self.A_bar is not None
 
     # -- refresh ----------------------------------------------------------------------
-    def fold(self, A: Tensor, G: Tensor, rho: float) -> None:
-        """EA update of both factors (first call: ``F̄ = F``) and re-decomposition."""
+    def fold(self, A: Tensor, G: Tensor, rho: float, decompose: bool = True) -> None:
+        """EA update of both factors (first call: ``F̄ = F``) and re-decomposition.
+
+        ``decompose=False`` (another rank decomposes, :meth:`shared` then receives its
+        result) leaves zeros of the decomposition's shapes in its place."""
         self.A_fresh, self.G_fresh = A, G
         self.A_bar = ea_update(self.A_bar, A, rho)
         self.G_bar = ea_update(self.G_bar, G, rho)
         count = 0 if self.refreshes is None else int(self.refreshes)
         self.refreshes = torch.tensor(count + 1)
-        self.evals_A, self.evecs_A, self.tail_A = self._decompose(self.A_bar, self.evecs_A, "A")
-        self.evals_G, self.evecs_G, self.tail_G = self._decompose(self.G_bar, self.evecs_G,
-                                                                  "Gamma")
+        how = self._decompose if decompose else self._placeholder
+        self.evals_A, self.evecs_A, self.tail_A = how(self.A_bar, self.evecs_A, "A")
+        self.evals_G, self.evecs_G, self.tail_G = how(self.G_bar, self.evecs_G, "Gamma")
         self._cache = {}
+
+    def _placeholder(self, mat: Tensor, previous: Tensor | None, which: str
+                     ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Zeros shaped as :meth:`_decompose`'s result (a diagonal factor is decomposed
+        here: it is its own spectrum)."""
+        if mat.dim() == 1:
+            return self._decompose(mat, previous, which)
+        n = mat.shape[0]
+        k = n if self.rank is None else min(self.rank, n)
+        return mat.new_zeros(k), mat.new_zeros(n, k), mat.new_zeros(())
+
+    #: the decomposition of each factor, as attribute names
+    _PARTS = (("evals_A", "evecs_A", "tail_A"), ("evals_G", "evecs_G", "tail_G"))
+
+    def shared(self) -> list[Tensor]:
+        """The decomposition's tensors that one rank computes for all (the eigenpairs and
+        tail of each matrix factor, not a diagonal factor's)."""
+        return [getattr(self, k) for part in self._PARTS if getattr(self, part[1]) is not None
+                for k in part]
+
+    def set_shared(self, tensors: Sequence[Tensor]) -> None:
+        """Replace :meth:`shared`'s tensors (the owner's result, received)."""
+        keys = [k for part in self._PARTS if getattr(self, part[1]) is not None for k in part]
+        for k, t in zip(keys, tensors, strict=True):
+            setattr(self, k, t)
+        self._cache = {}
+
 
     def _decompose(self, mat: Tensor, previous: Tensor | None, which: str
                    ) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -31,6 +31,7 @@ from .._validation import (
 from ..curvature import (
     BIAS_MODES,
     CURVATURES,
+    DECOMPOSITIONS,
     DENSE_SCOPES,
     EMBEDDINGS,
     FISHER_TYPES,
@@ -41,7 +42,7 @@ from ..curvature import (
 )
 from ..curvature.capture import OutputSelector, in_backward, widen
 from ..curvature.linalg import all_finite
-from ..distributed import broadcast_generator_
+from ..distributed import broadcast_generator_, full, is_sharded, shard_like
 from . import damping as lm
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,12 @@ class CurvatureOptimizer(Optimizer):
             :class:`~kldwrm.optim.damping.LevenbergMarquardt`: every ``T_1`` steps each
             group's ``damping`` follows the Levenberg-Marquardt rule (needs
             ``step(closure)``; :mod:`kldwrm.optim.damping`).
+        decompositions: under ``torch.distributed``, who eigendecomposes the Kronecker
+            factors on a refresh: ``"replicated"`` (every rank all of them),
+            ``"sharded"`` (each block one rank, balanced by cost; the results are summed
+            over ranks in one all-reduce, so every rank holds every decomposition, bit
+            for bit the same) or ``"auto"`` (sharded above a measured size,
+            ``docs/distributed.md``). No effect in one process.
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
@@ -265,9 +272,11 @@ class CurvatureOptimizer(Optimizer):
         adaptive_damping: lm.LevenbergMarquardt | int | None = None,
         embeddings: str = "diagonal",
         weight_sharing: str = "expand",
+        decompositions: str = "auto",
     ) -> None:
         _check_options(momentum, eigen_beta, eigen_power, damping_split, curvature, rank,
                        embeddings, weight_sharing)
+        check_choice("decompositions", decompositions, DECOMPOSITIONS)
         self.adaptive_damping = lm.as_schedule(adaptive_damping)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
@@ -297,6 +306,7 @@ class CurvatureOptimizer(Optimizer):
             damping_split=damping_split, embeddings=embeddings,
             weight_sharing=weight_sharing,
         )
+        self.engine.decompositions = decompositions
         for block, slot in zip(self.engine.blocks, self.engine.slots, strict=True):
             block.group = self._group_of[slot[0]]
         self._init_step_state()
@@ -316,6 +326,10 @@ class CurvatureOptimizer(Optimizer):
         self._warned_missing = False
         #: whether some parameter is in half precision (its gradient is widened to float32)
         self._narrow = any(p.dtype in (torch.float16, torch.bfloat16) for p in self._params)
+        #: whether some parameter is an FSDP2 shard (``DTensor``): the step gathers whole
+        #: gradients and values and applies this rank's shard of the step
+        self._sharded = any(is_sharded(p) for p in self._params)
+        self._gathered: list[Tensor] | None = None
         #: per block: whether some tensor of it required grad when last looked at
         self._trainable = [_trainable(b) for b in self.engine.blocks]
         #: blocks without curvature that became trainable (unfrozen, or added): the next
@@ -359,6 +373,7 @@ class CurvatureOptimizer(Optimizer):
         self._trainable.extend(False for _ in blocks)  # pending once they require grad
         self._narrow = self._narrow or any(
             p.dtype in (torch.float16, torch.bfloat16) for p in group["params"])
+        self._sharded = self._sharded or any(is_sharded(p) for p in group["params"])
         self._params_added(first)
         self._arm_next()
 
@@ -459,7 +474,7 @@ class CurvatureOptimizer(Optimizer):
         decays = [self.param_groups[gi]["weight_decay"] for gi in self._group_of]
         ratio = lm.reduction_ratio(
             lm.loss_change(closure, loss), g, steps, curv, decays,
-            [widen(p.detach()) for p in self._params])
+            [widen(p.detach()) for p in self._values()])
         self.last_reduction_ratio = ratio
         for group in self.param_groups:
             group["damping"] = self.adaptive_damping.adjust(group["damping"], ratio)
@@ -470,11 +485,12 @@ class CurvatureOptimizer(Optimizer):
         skipped (non-finite gradients or curvature: nothing changed). Returns ``(g_k,
         refresh)``; :meth:`_end_step` must follow with the step taken."""
         params = self._params
+        self._gathered = None  # the parameters may have changed since the last step
         if all(p.grad is None for p in params):
             raise RuntimeError(
                 "optimizer.step() found no gradients: call loss.backward() before step()"
             )
-        grads = [p.grad for p in params]
+        grads = self._gradients()
         targets = self._refresh_targets(grads)
         refresh = targets is not None  # a scheduled refresh, or a catch-up (see _pending)
         finite = all_finite([gr for gr in grads if gr is not None])
@@ -496,6 +512,22 @@ class CurvatureOptimizer(Optimizer):
         self._left = self._still_left_out(left, grads)
         self.engine.observe(g, list(self._left))
         return g, refresh
+
+    def _gradients(self) -> list[Tensor | None]:
+        """Each tensor's ``p.grad``; whole gradients of an FSDP2 model's shards (gathered
+        in the parameters' order on every rank)."""
+        if not self._sharded:
+            return [p.grad for p in self._params]
+        return [None if p.grad is None else full(p.grad) for p in self._params]
+
+    def _values(self) -> list[Tensor]:
+        """The tensors' current values as whole tensors: the parameters themselves, or
+        for an FSDP2 model the shards gathered (once per step, until :meth:`_apply`)."""
+        if not self._sharded:
+            return self._params
+        if self._gathered is None:
+            self._gathered = [full(p.detach()) for p in self._params]
+        return self._gathered
 
     def _end_step(self, g: list[Tensor], steps: list[Tensor], refresh: bool) -> None:
         """The second half: the rule's recursion given the step ``steps`` actually taken."""
@@ -539,6 +571,11 @@ class CurvatureOptimizer(Optimizer):
             steps[i] = torch.zeros_like(steps[i])
         if any(s.dtype != p.dtype for s, p in zip(steps, params, strict=True)):
             steps = [s.to(p.dtype) for s, p in zip(steps, params, strict=True)]
+        self._gathered = None
+        if self._sharded:  # each rank adds its own shard of the (identical) whole step
+            for p, s in zip(params, steps, strict=True):
+                p.add_(shard_like(s, p))
+            return
         torch._foreach_add_(params, steps)
 
     def _restore_state(self, frozen: dict[int, dict[str, Any]]) -> None:
@@ -604,11 +641,11 @@ class CurvatureOptimizer(Optimizer):
         """``g_k`` of DESIGN section 3: the gradient including the weight-decay term, in at
         least float32 (zero for a tensor without gradient)."""
         if self._narrow:
-            params = [widen(p.detach()) for p in self._params]
+            params = [widen(p.detach()) for p in self._values()]
             grads = [widen(gr) if gr is not None else torch.zeros_like(p)
                      for gr, p in zip(grads, params, strict=True)]
         else:
-            params = self._params
+            params = self._values()
             grads = [gr if gr is not None else torch.zeros_like(p)
                      for gr, p in zip(grads, params, strict=True)]
         wds = {g["weight_decay"] for g in self.param_groups}

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from ..curvature import unwrap
 from ..curvature.capture import widen
+from ..distributed import shard_like
 from .base import CurvatureOptimizer
 from .kfac import KFAC
 from .q import QKLDWRM
@@ -164,12 +165,14 @@ class Preconditioner(Optimizer):
             return loss
         g, refresh = begun
         steps = rule._compute_step(g, refresh)
-        params = rule._params
-        before = [p.detach().clone() for p in params] if self._measure or adapt else None
+        measure = self._measure or adapt
+        before = [v.detach().clone() for v in rule._values()] if measure else None
         self._write_directions(steps)
         self.optimizer.step()
+        rule._gathered = None  # the wrapped optimizer moved the parameters
         if before is not None:
-            steps = [widen(p.detach()) - widen(b) for p, b in zip(params, before, strict=True)]
+            steps = [widen(v.detach()) - widen(b)
+                     for v, b in zip(rule._values(), before, strict=True)]
         left = set(rule._left)
         rule._end_step(g, steps, refresh)
         if adapt:
@@ -184,7 +187,7 @@ class Preconditioner(Optimizer):
                 p.grad = None
                 continue
             d = s.mul(-1.0 / rule._lr(i))
-            p.grad = d if d.dtype == p.dtype else d.to(p.dtype)
+            p.grad = shard_like(d if d.dtype == p.dtype else d.to(p.dtype), p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients (see :meth:`CurvatureOptimizer.zero_grad` for the curvature

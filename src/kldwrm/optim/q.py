@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_nonnegative
 from ..curvature.capture import widen
+from ..distributed import zeros_full
 from .base import CurvatureOptimizer
 
 Q_SOLVES = ("exact", "augmented")
@@ -108,7 +109,7 @@ class QKLDWRM(CurvatureOptimizer):
         wake = self._wake()
         if all(w is None for w in wake):
             return
-        full = [torch.zeros_like(p, dtype=widen(p.detach()).dtype) if w is None else w
+        full = [zeros_full(p, widen(p.detach()).dtype) if w is None else w
                 for w, p in zip(wake, self._params, strict=True)]
         for p, w, new in zip(self._params, wake, change_basis(full), strict=True):
             if w is not None:

@@ -25,6 +25,7 @@ from ..curvature.capture import num_examples, select_output, widen
 from ..distributed import all_reduce_mean_
 from ..divergence import categorical_skl_of_log_probs, gaussian_skl_per_row
 from .q import QKLDWRM
+from .sharded_eval import gradient_at, parameters_at
 
 
 @dataclass
@@ -102,11 +103,15 @@ class _KLGradient(nn.Module):
         super().__init__()
         self.net = net
 
+    def total(self, calls: Sequence[_Call], targets: Sequence[_Window],
+              call_w: Sequence[float], output: Any) -> Tensor:
+        """The calls' window SKL terms, weighted by their shares of the examples."""
+        return sum(window.skl(_logits(select_output(self.net(*c.args, **c.kwargs), output)))
+                   * w for c, window, w in zip(calls, targets, call_w, strict=True))
+
     def forward(self, calls: Sequence[_Call], targets: Sequence[_Window],
                 call_w: Sequence[float], output: Any) -> None:
-        total = sum(window.skl(_logits(select_output(self.net(*c.args, **c.kwargs), output)))
-                    * w for c, window, w in zip(calls, targets, call_w, strict=True))
-        total.backward()
+        self.total(calls, targets, call_w, output).backward()
 
 
 def wake_weights(rho: float, window: int) -> list[float]:
@@ -312,15 +317,15 @@ class QEKLDWRM(QKLDWRM):
     def _push_iterate(self) -> None:
         """Store ``θ_k`` (the current parameters) in the ring buffer."""
         slot = self.iterates_stored % self.window
-        for p in self._params:
+        for p, v in zip(self._params, self._values(), strict=True):
             st = self.state[p]
             buf = st.get("qe_window")
             if buf is None:
                 if not p.requires_grad:
                     continue  # frozen: its current value stands for every stored iterate
                 # every earlier iterate had the current value (the tensor was not trained)
-                buf = st["qe_window"] = p.detach().expand(self.window, *p.shape).clone()
-            buf[slot].copy_(p.detach())
+                buf = st["qe_window"] = v.detach().expand(self.window, *p.shape).clone()
+            buf[slot].copy_(v.detach())
         self.iterates_stored += 1
 
     def window_iterates(self) -> list[list[Tensor]]:
@@ -331,7 +336,8 @@ class QEKLDWRM(QKLDWRM):
         for j in range(n):
             slot = (newest - j) % self.window
             out.append([self.state[p]["qe_window"][slot].clone() if "qe_window" in self.state[p]
-                        else p.detach().clone() for p in self._params])
+                        else v.detach().clone()
+                        for p, v in zip(self._params, self._values(), strict=True)])
         return out
 
     def _slot_weights(self) -> list[float]:
@@ -389,7 +395,7 @@ class QEKLDWRM(QKLDWRM):
         self, g: list[Tensor], steps: list[Tensor], refresh: bool, calls: list[_Call]
     ) -> list[Tensor]:
         """``inner_steps`` of SGD on ``m(s)`` from the Q step (eq. 31/35)."""
-        params = [p.detach() for p in self._params]
+        params = [p.detach() for p in self._values()]
         coef = [self.kl_weight / self._lr(i) for i in range(len(params))]  # λ_k · kl_weight
         scales = self._model_curvature_scales(refresh)
         tikhonov = [scales[self._group_of[i]][2] for i in range(len(params))]
@@ -413,7 +419,8 @@ class QEKLDWRM(QKLDWRM):
                     torch._foreach_add_(d, g)
                 if use_kl:
                     kl_grad = self._kl_grad(params, s, calls, rest, targets, call_w)
-                    all_reduce_mean_(kl_grad)
+                    if not self._sharded:  # FSDP's backward has averaged it already
+                        all_reduce_mean_(kl_grad)
                     for di, ki, c in zip(d, kl_grad, coef, strict=True):
                         di.add_(ki, alpha=c)
                 self._zero_left(d)  # tensors this step leaves out stay where they are
@@ -467,6 +474,8 @@ class QEKLDWRM(QKLDWRM):
         self, calls: Sequence[_Call], rest: dict[str, Tensor]
     ) -> tuple[list[Tensor], list[int]]:
         """Outputs of every stored iterate on every recorded call, shape ``(W, N, ...)``."""
+        if self._sharded:
+            return self._stored_outputs_sharded(calls)
         stacked = {n: self.state[p]["qe_window"] for n, p in zip(self._names, self._params,
                                                                    strict=True)
                    if "qe_window" in self.state[p]}
@@ -479,6 +488,20 @@ class QEKLDWRM(QKLDWRM):
                                     UserWarning)
             for call in calls:
                 outs.append(self._stored_call(call, stacked, rest))
+        return outs, [num_examples(o[0]) for o in outs]
+
+    def _stored_outputs_sharded(self, calls: Sequence[_Call]
+                                ) -> tuple[list[Tensor], list[int]]:
+        """:meth:`_stored_outputs` of an FSDP2 model: each stored iterate written into the
+        shards in turn (:mod:`.sharded_eval`), one forward per iterate and call."""
+        net, per_slot = self.engine.model, []
+        for slot in range(self.window):
+            vals = [self.state[p]["qe_window"][slot] if "qe_window" in self.state[p] else v
+                    for p, v in zip(self._params, self._values(), strict=True)]
+            with parameters_at(net, self._params, vals):
+                per_slot.append([_logits(select_output(net(*c.args, **c.kwargs), self.output))
+                                 for c in calls])
+        outs = [torch.stack(o) for o in zip(*per_slot, strict=True)]
         return outs, [num_examples(o[0]) for o in outs]
 
     def _stored_call(self, call: _Call, stacked: dict[str, Tensor],
@@ -511,6 +534,10 @@ class QEKLDWRM(QKLDWRM):
         (``torch.utils.checkpoint``) still sees ``θ_k + s``; a plain backward into fresh
         leaves, since ``torch.autograd.grad`` cannot cross a reentrant checkpoint.
         """
+        if self._sharded:
+            at = [p + si for p, si in zip(params, s, strict=True)]
+            return gradient_at(self.engine.model, self._params, at, lambda: self._kl_module.total(
+                calls, targets, call_w, self.output))
         with torch.enable_grad():
             leaves = [(p + si).to(p.dtype).requires_grad_(True)
                       for p, si in zip(params, s, strict=True)]
