@@ -68,7 +68,7 @@ DECOMPOSITIONS = ("auto", "replicated", "sharded")
 
 #: ``decompositions="auto"`` shards a refresh whose summed ``n³`` exceeds this (chosen by
 #: measurement, docs/distributed.md)
-SHARD_DECOMPOSITIONS_ABOVE = 2.0e8
+SHARD_DECOMPOSITIONS_ABOVE = 1.0e7
 
 
 def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
