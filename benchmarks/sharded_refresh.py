@@ -2,11 +2,12 @@
 
 On ``R`` gloo ranks (1 thread each), an MLP of ``--layers`` equal hidden layers (``--width``
 wide: that many similar Kronecker blocks) trains with ``update_freq=1``, so every step
-refreshes. Per rank it reports the process CPU seconds of a refresh step's ``opt.step()``
+refreshes (``--update-freq 1000``: only the untimed first step does, for the cost of the
+other steps). Per rank it reports the process CPU seconds of a refresh step's ``opt.step()``
 (``time.process_time``: the cores are shared, so wall time would measure the neighbours)
 and of the fold alone (EA update, decompositions, their all-reduce), median over the timed
-steps, and the curvature state bytes, for ``decompositions="replicated"`` and
-``"sharded"``, plus the bytes the sharded fold all-reduces.
+steps, and the curvature state bytes, for ``decompositions="replicated"``, ``"sharded"``
+and ``"owned"``, plus the bytes the sharded fold all-reduces (the busiest rank's figures).
 
 Run: ``python -m benchmarks.sharded_refresh --ranks 1,2,4`` (``--json out.json`` keeps
 the rows; ``--from-json`` prints them again as the markdown table of docs/distributed.md).
@@ -33,6 +34,8 @@ from kldwrm.curvature import FactoredBlock
 
 from .distributed_step_time import _free_port
 
+MODES = ("replicated", "sharded", "owned")
+
 
 def _model(width: int, layers: int) -> nn.Module:
     mods: list[nn.Module] = [nn.Linear(64, width), nn.Tanh()]
@@ -51,7 +54,8 @@ def _measure(mode: str, args: Any, rank: int, world: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = _model(args.width, args.layers)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = KFAC(net, lr=0.01, update_freq=1, fisher="empirical", decompositions=mode)
+    opt = KFAC(net, lr=0.01, update_freq=args.update_freq, fisher="empirical",
+               decompositions=mode)
     fold_cpu: list[float] = []
     inner = opt.engine.fold
 
@@ -73,9 +77,10 @@ def _measure(mode: str, args: Any, rank: int, world: int) -> dict[str, float]:
         opt.step()
         step_cpu.append(time.process_time() - t0)
     n = args.warmup
-    return {"step_cpu": statistics.median(step_cpu[n:]), "fold_cpu": statistics.median(
-        fold_cpu[n:]), "state_bytes": opt.engine.state_bytes(),
-        "shared_bytes": _shared_bytes(opt) if mode == "sharded" and world > 1 else 0}
+    fold = statistics.median(fold_cpu[n:]) if len(fold_cpu) > n else float("nan")
+    return {"step_cpu": statistics.median(step_cpu[n:]), "fold_cpu": fold,
+            "state_bytes": opt.engine.state_bytes(),
+            "shared_bytes": _shared_bytes(opt) if mode == "sharded" and world > 1 else 0}
 
 
 def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
@@ -83,7 +88,7 @@ def _worker(rank: int, world: int, port: int, args: Any, out: str) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=300))
-    rows = {mode: _measure(mode, args, rank, world) for mode in ("replicated", "sharded")}
+    rows = {mode: _measure(mode, args, rank, world) for mode in MODES}
     with open(os.path.join(out, f"{world}-{rank}.json"), "w") as f:
         json.dump(rows, f)
     if world > 1:
@@ -102,7 +107,7 @@ def run(args: Any) -> list[dict[str, Any]]:
             for r in range(world):
                 with open(os.path.join(out, f"{world}-{r}.json")) as f:
                     per_rank.append(json.load(f))
-            for mode in ("replicated", "sharded"):
+            for mode in MODES:
                 vals = [p[mode] for p in per_rank]
                 rows.append({"ranks": world, "mode": mode, **{
                     k: max(v[k] for v in vals) for k in vals[0]}})  # the busiest rank
@@ -111,12 +116,14 @@ def run(args: Any) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     base = {r["ranks"]: r for r in rows if r["mode"] == "replicated"}
-    lines = ["| ranks | decompositions | refresh step CPU s (max over ranks) | fold CPU s | "
-             "fold vs replicated | all-reduced by the fold (B) |", "|---:|---|---:|---:|---:|---:|"]
+    lines = ["| ranks | decompositions | refresh step CPU s | fold CPU s | fold vs replicated | "
+             "all-reduced by the fold (B) | curvature state per rank (B) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = r["fold_cpu"] / base[r["ranks"]]["fold_cpu"]
         lines.append(f"| {r['ranks']} | {r['mode']} | {r['step_cpu']:.3f} | "
-                     f"{r['fold_cpu']:.3f} | {ratio:.2f} | {r['shared_bytes']:,} |")
+                     f"{r['fold_cpu']:.3f} | {ratio:.2f} | {r['shared_bytes']:,} | "
+                     f"{r['state_bytes']:,} |")
     return "\n".join(lines)
 
 
@@ -126,8 +133,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--update-freq", type=int, default=1,
+                    help="1: every step refreshes; large (with --warmup 1): none timed does")
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--from-json", default=None)
     args = ap.parse_args()

@@ -3,6 +3,9 @@
 * 2 ranks × batch 128 equal 1 process × batch 256 for KFAC, SO, Q and QE (float64,
   empirical Fisher, refresh steps included), passing the DDP wrapper or the inner module;
 * with "mc" Fisher the ranks stay bitwise identical to each other;
+* decompositions dealt over the ranks ("sharded") or blocks held by one rank ("owned")
+  take the replicated steps (bitwise alike on every rank; equal to 1 process);
+* a state saved at another number of ranks loads, and says so where "mc" labels differ;
 * a model run under activation checkpointing (``checkpoint_sequential``, non-reentrant) on
   2 ranks equals the plain model in 1 process;
 * a checkpoint of a 2-rank ``kldwrm train`` run resumes bit-exactly in a 2-rank run;
@@ -18,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,6 +61,10 @@ CASES = {
     "q-sharded": (QKLDWRM, dict(decompositions="sharded"), False),
     "q-rank-sharded": (QKLDWRM, dict(rank=4, decompositions="sharded"), False),
     "kfac-ekfac-sharded": (KFAC, dict(curvature="ekfac", decompositions="sharded"), True),
+    # each block's curvature held and applied by one rank
+    "kfac-owned": (KFAC, dict(decompositions="owned"), True),
+    "q-rank-owned": (QKLDWRM, dict(rank=4, decompositions="owned"), False),
+    "so-owned": (SOKLDWRM, dict(decompositions="owned", momentum=0.5), False),
 }
 #: a sharded-decomposition case → its replicated counterpart (bitwise the same steps)
 SHARDED = {"kfac-sharded": "kfac", "q-sharded": "q", "q-rank-sharded": "q-rank",
@@ -270,6 +278,26 @@ def test_a_layer_skipped_on_one_rank_does_not_deadlock(tmp_path, fisher):
         assert block, key  # every block, the skipped layer's too, has curvature on both ranks
         for name, t in block.items():
             assert torch.equal(t, r1["curvature"][key][name]), (key, name)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_a_state_from_another_rank_count_loads_and_says_so_for_mc(fisher):
+    torch.manual_seed(0)
+    model = _model().double()
+    opt = KFAC(model, update_freq=2, fisher=fisher)
+    x, y = _data(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["kldwrm"]["ranks"] == 1
+    sd["kldwrm"]["ranks"] = 4  # as saved by a 4-rank run
+    fresh = KFAC(model, update_freq=2, fisher=fisher)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(sd)
+    said = [w for w in caught if "saved on 4 rank(s)" in str(w.message)]
+    assert len(said) == (1 if fisher == "mc" else 0)
+    assert fresh.steps_taken == 1
 
 
 def test_rank_seeds_differ():

@@ -7,7 +7,9 @@
 * every rank ends with the same curvature (the whole step is computed on every rank and
   each applies its own shard of it), and the shards are uneven (5 rows on 4 ranks);
 * the preconditioner mode drives a torch optimizer (AdamW) over the DTensor parameters;
-* a state saved on 2 ranks resumes in one process exactly (the state is not sharded).
+* a state saved on 2 ranks resumes in one process exactly (``state_dict()`` is whole);
+* with ``decompositions="owned"`` each rank holds at most 1/R of the curvature state plus
+  the largest block, and the steps are the same.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ CASES = {
     "q": (QKLDWRM, dict(momentum=0.5)),
     "qe": (QEKLDWRM, dict(window=3, inner_steps=3, inner_lr=0.05, inner_momentum=0.5)),
     "q+adamw": (lambda m, **kw: kldwrm.make_optimizer("q+adamw", m, lr=3e-3, **kw), {}),
+    # each block's curvature held and applied by one rank
+    "kfac-owned": (KFAC, dict(decompositions="owned")),
+    "q-owned": (QKLDWRM, dict(momentum=0.5, decompositions="owned")),
+    "qe-owned": (QEKLDWRM, dict(window=3, inner_steps=3, inner_lr=0.05, inner_momentum=0.5,
+                                decompositions="owned")),
 }
 #: the "mc" cases, compared with DDP at the same number of ranks
 MC = ("kfac", "q")
@@ -130,7 +137,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for layout in layouts:
             for name in CASES if layout != "hsdp" else ("kfac", "q"):
                 model, opt, saved = _train(name, "empirical", rank, world, layout)
-                result[name, layout] = (_whole(model), _curvature(opt))
+                rule = getattr(opt, "rule", opt)
+                result[name, layout] = (_whole(model), _curvature(opt),
+                                        rule.engine.state_bytes())
                 if name == "q" and layout == "nested":
                     result["saved"] = saved
         for name in MC:
@@ -195,6 +204,29 @@ def test_four_ranks_equal_one_process(name, layout, fsdp4, single):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["kfac", "q", "qe"])
+def test_owned_curvature_divides_the_state(name, world, fsdp2, fsdp4):
+    """Per rank at most 1/R of the whole curvature state plus the largest block, and the
+    gathered state equal to the replicated run's (same steps: see the tests above)."""
+    results = fsdp2 if world == 2 else fsdp4
+    whole = results[0][name, "nested"][2]  # replicated: every rank holds all of it
+    opt = _build(name, _model(), "empirical")
+    x, y = _batch(0, 0, 1)
+    F.cross_entropy(opt.engine.model(x), y).backward()  # one step sizes every block's state
+    opt.step()
+    blocks = [sum(t.numel() * t.element_size() for t in b.state_dict().values())
+              for b in opt.engine.blocks]
+    assert sum(blocks) == whole
+    per_rank = [r[f"{name}-owned", "nested"][2] for r in results]
+    assert max(per_rank) <= whole / world + max(blocks)
+    assert max(per_rank) < whole  # really divided
+    for block, state in results[0][f"{name}-owned", "nested"][1].items():
+        for k, t in state.items():
+            assert torch.allclose(t, results[0][name, "nested"][1][block][k], rtol=1e-9,
+                                  atol=1e-12), (block, k)
+
+
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", MC)
 def test_mc_fisher_under_fsdp_equals_ddp(name, world, fsdp2, fsdp4):
     results = fsdp2 if world == 2 else fsdp4
@@ -220,3 +252,116 @@ def test_a_two_rank_state_resumes_in_one_process(fsdp2, single):
     resumed, _, _ = _train("q", "empirical", 0, 1, "single", first=SAVE_AT,
                            opt_state=fsdp2[0]["saved"], model=model)
     assert _rel_err(_whole(resumed), single["q"]) <= 1e-10
+
+
+def _dcp_worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
+    """``save``: Q with owned curvature, ``SAVE_AT`` steps, saved with DCP (model and
+    optimizer); ``resume``: loaded at this number of ranks and run to the end."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from kldwrm.optim.sharded_checkpoint import load_sharded_state, sharded_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = _shard(_model(), "nested")
+        opt = _build("q-owned", model, "empirical")
+        path = os.path.join(out, "ckpt")
+        first = 0
+        if phase == "resume":
+            msd = {"model": get_model_state_dict(model)}
+            dcp.load(msd, checkpoint_id=path)
+            set_model_state_dict(model, msd["model"])
+            load_sharded_state(opt, path, key="optim")
+            first = SAVE_AT
+        for step in range(first, SAVE_AT if phase == "save" else STEPS):
+            x, y = _batch(step, rank, world)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        if phase == "save":
+            held = sharded_state(opt)
+            dcp.save({"model": get_model_state_dict(model), "optim": held}, checkpoint_id=path)
+            torch.save(sorted(k for k in held if k.startswith("curvature/")),
+                       os.path.join(out, f"keys{rank}.pt"))
+        else:
+            whole = _whole(model)
+            if rank == 0:
+                torch.save(whole, os.path.join(out, "resumed.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dcp_checkpoint_saved_at_two_ranks_resumes_at_four(tmp_path, single):
+    """Owned curvature: each rank saves only its own blocks; 4 ranks load their new
+    shares and continue exactly as the uninterrupted run."""
+    for world, phase in ((2, "save"), (4, "resume")):
+        torch.multiprocessing.spawn(_dcp_worker, args=(world, _free_port(), str(tmp_path),
+                                                       phase), nprocs=world, join=True)
+    held = [{int(k.split("/")[1]) for k in torch.load(tmp_path / f"keys{r}.pt")}
+            for r in range(2)]
+    # the Kronecker blocks (0-2: conv, linear, linear) each saved by one rank; the
+    # diagonal ones (3-4: the LayerNorm's) are whole on both
+    assert held[0] & held[1] == {3, 4} and held[0] | held[1] == {0, 1, 2, 3, 4}
+    assert held[0] != {3, 4} and held[1] != {3, 4}
+    resumed = torch.load(tmp_path / "resumed.pt")
+    assert _rel_err(resumed, single["q"]) <= 1e-10
+
+
+def _dying_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 dies inside its second refresh (in the fold, before the decompositions'
+    all-reduce); rank 0 records what it saw and how long after the death."""
+    import time
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    model = _shard(_model(), "nested")
+    opt = KFAC(model, lr=0.05, update_freq=2, fisher="empirical", decompositions="sharded")
+    fold, folds = opt.engine.fold, []
+
+    def dying_fold(*args, **kwargs):
+        folds.append(1)
+        if rank == 1 and len(folds) == 2:
+            with open(os.path.join(out, "died"), "w") as f:
+                f.write(repr(time.time()))
+            os._exit(3)
+        return fold(*args, **kwargs)
+
+    opt.engine.fold = dying_fold
+    try:
+        for step in range(6):
+            x, y = _batch(step, rank, world)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    except Exception as e:  # noqa: BLE001 (what a training script's error handler sees)
+        with open(os.path.join(out, f"error{rank}"), "w") as f:
+            f.write(f"{time.time()!r}\n{type(e).__name__}: {e}")
+        os._exit(1)
+
+
+def test_a_rank_dying_in_a_refresh_stops_the_other_within_seconds(tmp_path):
+    ctx = torch.multiprocessing.start_processes(
+        _dying_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+        start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=90)
+    codes = [p.exitcode for p in ctx.processes]
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    assert codes == [1, 3], codes
+    died = float((tmp_path / "died").read_text())
+    when, message = (tmp_path / "error0").read_text().split("\n", 1)
+    assert float(when) - died < 10.0  # the group's timeout is 30 s: seen well before it
+    assert message.startswith(("RuntimeError", "DistBackendError")), message

@@ -24,6 +24,8 @@ from .optim import (
     MissingCurvatureWarning,
     NonFiniteGradientWarning,
     Preconditioner,
+    load_sharded_state,
+    sharded_state,
 )
 
 __version__ = "0.2.0"
@@ -42,7 +44,9 @@ __all__ = [
     "MissingCurvatureWarning",
     "NonFiniteGradientWarning",
     "Preconditioner",
+    "load_sharded_state",
     "make_optimizer",
+    "sharded_state",
 ]
 
 

@@ -17,12 +17,11 @@ from torch import Tensor, nn
 
 from ..distributed import (
     all_reduce_weighted_,
-    assign_by_cost,
     is_distributed,
     summed,
-    world_size,
 )
 from ..distributed import rank as this_rank
+from . import sharding
 from .blocks import (
     BiasBlock,
     Block,
@@ -36,7 +35,6 @@ from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
 from .eigen import CORRECTED, EigenMoments
 from .embedding import EmbeddingBlock, embedding_supported
-from .kron import decomposition_cost
 from .linalg import all_finite
 from .transposed import TransposedConvBlock
 
@@ -62,13 +60,10 @@ EMBEDDINGS = ("diagonal", "kron")
 WEIGHT_SHARING = ("expand", "reduce")
 
 #: who decomposes the Kronecker factors on a refresh under ``torch.distributed``: every
-#: rank every block, one rank each block (results all-reduced), or the latter when the
-#: refresh's decompositions cost more than :data:`SHARD_DECOMPOSITIONS_ABOVE`
-DECOMPOSITIONS = ("auto", "replicated", "sharded")
+#: rank every block, one rank each (results all-reduced), the latter above a measured
+#: cost, or one rank each that also holds and applies the block (:mod:`.sharding`)
+DECOMPOSITIONS = ("auto", "replicated", "sharded", "owned")
 
-#: ``decompositions="auto"`` shards a refresh whose summed ``n³`` exceeds this (chosen by
-#: measurement, docs/distributed.md)
-SHARD_DECOMPOSITIONS_ABOVE = 1.0e7
 
 
 def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
@@ -164,6 +159,7 @@ class CurvatureEngine:
         self.rank = rank
         #: how a refresh's decompositions are divided over ranks (:data:`DECOMPOSITIONS`)
         self.decompositions = "replicated"
+        self._owners: tuple[dict[int, int], int] | None = None  # see :meth:`owners`
         self.params: list[nn.Parameter] = []
         self.blocks: list[Block] = []
         #: positions of each block's tensors in the flat parameter list
@@ -313,42 +309,39 @@ class CurvatureEngine:
         owners = self.decomposers(estimates)
         me = this_rank()
         for bi, (b, est) in enumerate(zip(self.blocks, estimates, strict=True)):
-            if est is None:
+            if self._remote(bi):  # held by its owner ("owned"): only the flag is kept here
+                b.initialized = b.initialized or est is not None
+            elif est is None:
                 b.keep_average()
             elif bi in owners:
                 b.fold(est, rho, decompose=owners[bi] == me)
             else:
                 b.fold(est, rho)
         if owners:
-            self._share_decompositions(list(owners))
+            sharding.share_decompositions([self.blocks[bi] for bi in owners])
         if self.curvature == "ekfac":
             self._fold_example_moments(estimates, rho)
 
-    def _share_decompositions(self, blocks: list[int]) -> None:
-        """Every rank receives each block's decomposition from its owner: the owners' tensors
-        and the others' zeros summed in one all-reduce, every rank keeping the result in
-        the same (contiguous) layout, so later products round alike on every rank."""
-        parts = [self.blocks[bi].factors.shared() for bi in blocks]
-        flat = summed([t for part in parts for t in part])
-        i = 0
-        for bi, part in zip(blocks, parts, strict=True):
-            self.blocks[bi].factors.set_shared(flat[i : i + len(part)])
-            i += len(part)
-
     def decomposers(self, estimates: Sequence[dict[str, Tensor] | None]) -> dict[int, int]:
-        """The rank that decomposes each Kronecker block folded now, balanced by cost
-        (:func:`~kldwrm.distributed.assign_by_cost`); empty when every rank decomposes
-        every block (one process, ``decompositions="replicated"``, or ``"auto"`` below
-        its threshold, :data:`SHARD_DECOMPOSITIONS_ABOVE`)."""
-        if not is_distributed() or self.decompositions == "replicated":
+        """The rank that decomposes each Kronecker block folded now (empty: every rank
+        decomposes every block; :func:`.sharding.decomposers`)."""
+        if not is_distributed() or self.decompositions in ("replicated", "owned"):
             return {}
-        folded = [bi for bi, (b, est) in enumerate(zip(self.blocks, estimates, strict=True))
-                  if est is not None and isinstance(b, FactoredBlock)]
-        costs = [decomposition_cost((estimates[bi]["A"], estimates[bi]["G"]), self.rank)
-                 for bi in folded]
-        if self.decompositions == "auto" and sum(costs) < SHARD_DECOMPOSITIONS_ABOVE:
+        return sharding.decomposers(self.blocks, estimates, self.rank,
+                                    auto=self.decompositions == "auto")
+
+    def owners(self) -> dict[int, int]:
+        """``decompositions="owned"`` under ``torch.distributed``: the rank holding each
+        Kronecker block (:mod:`.sharding`); empty otherwise."""
+        if self.decompositions != "owned" or not is_distributed():
             return {}
-        return dict(zip(folded, assign_by_cost(costs, world_size()), strict=True))
+        if self._owners is None or self._owners[1] != len(self.blocks):
+            self._owners = (sharding.owners(self.blocks), len(self.blocks))
+        return self._owners[0]
+
+    def _remote(self, bi: int) -> bool:
+        """Whether block ``bi`` is held by another rank."""
+        return self.owners().get(bi, this_rank()) != this_rank()
 
     def _fold_example_moments(self, estimates: Sequence[dict[str, Tensor] | None],
                               rho: float) -> None:
@@ -380,7 +373,8 @@ class CurvatureEngine:
     def diagonalizable(self) -> bool:
         """Whether every block with curvature has a complete eigenbasis (no rank truncation),
         so that vectors can live in eigenbasis coordinates (:meth:`to_eigenbasis`)."""
-        return all(b.exact for b in self.blocks if b.initialized)
+        return all(sharding.exact_by_size(b) if self._remote(bi) else b.exact
+                   for bi, b in enumerate(self.blocks) if b.initialized)
 
     def ready(self) -> list[bool]:
         """Per block: whether it has curvature (it has received data on some refresh)."""
@@ -409,10 +403,19 @@ class CurvatureEngine:
                                  for p in self.params]
         else:
             out = list(vecs)
+        owners = self.owners()
         for bi in blocks:
             slot = self.slots[bi]
-            part = fn(self.blocks[bi], None if vecs is None else [vecs[i] for i in slot])
+            if self._remote(bi):  # computed by the owner, received below
+                part = [torch.zeros(self.params[i].shape, dtype=_wide(self.params[i]),
+                                    device=self.params[i].device) for i in slot]
+            else:
+                part = fn(self.blocks[bi], None if vecs is None else [vecs[i] for i in slot])
             for i, r in zip(slot, part, strict=True):
+                out[i] = r.to(_wide(self.params[i])) if bi in owners else r
+        if owners:
+            held = [i for bi in blocks if bi in owners for i in self.slots[bi]]
+            for i, r in zip(held, summed([out[i] for i in held]), strict=True):
                 out[i] = r
         return out
 
@@ -469,7 +472,15 @@ class CurvatureEngine:
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        return {f"{i}:{b.kind}:{b.name}": b.state_dict() for i, b in enumerate(self.blocks)}
+        """Every block's state; with ``"owned"`` curvature gathered from the owners (a
+        collective: every rank must call it)."""
+        states = dict(zip(self.block_keys(), (b.state_dict() for b in self.blocks),
+                          strict=True))
+        return sharding.gather_states(states) if self.owners() else states
+
+    def block_keys(self) -> list[str]:
+        """Each block's key in :meth:`state_dict` (``index:kind:name``)."""
+        return [f"{i}:{b.kind}:{b.name}" for i, b in enumerate(self.blocks)]
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
         keys = list(state)
@@ -481,6 +492,8 @@ class CurvatureEngine:
             if k != f"{i}:{b.kind}:{b.name}":
                 raise ValueError(f"curvature state block {k!r} does not match {b.kind}:{b.name}")
             b.load_state_dict(state[k])
+            if self._remote(i):
+                sharding.release(b)  # the owner keeps it
 
     def describe(self) -> list[tuple[str, str, int]]:
         """``(name, kind, numel)`` for each block, e.g. to show which layers are Kronecker."""

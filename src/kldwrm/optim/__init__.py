@@ -5,6 +5,7 @@ from .kfac import KFAC
 from .preconditioner import RULES, Preconditioner
 from .q import Q_SOLVES, QKLDWRM
 from .qe import QEKLDWRM
+from .sharded_checkpoint import load_sharded_state, sharded_state
 from .so import SOKLDWRM
 
 __all__ = [
@@ -18,4 +19,6 @@ __all__ = [
     "MissingCurvatureWarning",
     "NonFiniteGradientWarning",
     "Preconditioner",
+    "load_sharded_state",
+    "sharded_state",
 ]

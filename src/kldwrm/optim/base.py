@@ -42,7 +42,13 @@ from ..curvature import (
 )
 from ..curvature.capture import OutputSelector, in_backward, widen
 from ..curvature.linalg import all_finite
-from ..distributed import broadcast_generator_, full, is_sharded, shard_like
+from ..distributed import (
+    broadcast_generator_,
+    full,
+    is_sharded,
+    shard_like,
+    world_size,
+)
 from . import damping as lm
 
 logger = logging.getLogger(__name__)
@@ -239,8 +245,11 @@ class CurvatureOptimizer(Optimizer):
             factors on a refresh: ``"replicated"`` (every rank all of them),
             ``"sharded"`` (each block one rank, balanced by cost; the results are summed
             over ranks in one all-reduce, so every rank holds every decomposition, bit
-            for bit the same) or ``"auto"`` (sharded above a measured size,
-            ``docs/distributed.md``). No effect in one process.
+            for bit the same), ``"auto"`` (sharded above a measured size,
+            ``docs/distributed.md``) or ``"owned"`` (each block's factors held, decomposed
+            and applied by one rank only, the results all-reduced: about 1/R of the
+            curvature state per rank; :mod:`kldwrm.curvature.ownership`). No effect in one
+            process.
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
@@ -277,6 +286,10 @@ class CurvatureOptimizer(Optimizer):
         _check_options(momentum, eigen_beta, eigen_power, damping_split, curvature, rank,
                        embeddings, weight_sharing)
         check_choice("decompositions", decompositions, DECOMPOSITIONS)
+        if decompositions == "owned" and curvature in ("ekfac", "adaptive"):
+            raise ValueError(
+                f"decompositions='owned' needs curvature='kron' or 'dense': with "
+                f"curvature={curvature!r} every rank measures moments in every eigenbasis")
         self.adaptive_damping = lm.as_schedule(adaptive_damping)
         _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
                          kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
@@ -741,17 +754,22 @@ class CurvatureOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed for bit-exact continuation (tensors and plain values only)."""
         sd = super().state_dict()
-        sd["kldwrm"] = {
+        sd["kldwrm"] = self._extra_state(self.engine.state_dict())
+        return sd
+
+    def _extra_state(self, curvature: dict[str, dict[str, Tensor]] | None) -> dict[str, Any]:
+        """``state_dict()['kldwrm']``: what ``torch.optim`` does not keep."""
+        return {
             "version": 2,  # 2: QKLDWRM keeps its wake in the eigenbasis of F̄
             "steps_taken": self.steps_taken,
             "skipped_steps": self.skipped_steps,
             "generator": self.generator.get_state(),
-            "curvature": self.engine.state_dict(),
+            "curvature": curvature,
             "rule": self._rule_state(),
             "trainable": list(self._trainable),
             "pending": sorted(self._pending),
+            "ranks": world_size(),  # the state is whole; see _check_ranks
         }
-        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -764,6 +782,7 @@ class CurvatureOptimizer(Optimizer):
         self.steps_taken = int(extra["steps_taken"])
         self.skipped_steps = int(extra["skipped_steps"])
         self._load_generator(extra["generator"])
+        self._check_ranks(int(extra.get("ranks", world_size())))
         self.engine.load_state_dict(extra["curvature"])
         self._load_rule_state(extra.get("rule", {}))
         self._trainable = list(extra.get("trainable", [_trainable(b)
@@ -771,6 +790,18 @@ class CurvatureOptimizer(Optimizer):
         self._pending = set(extra.get("pending", []))
         self.engine.arm(False)
         self._arm_next()
+
+    def _check_ranks(self, saved: int) -> None:
+        """The state is whole at any number of ranks (every rank folds the same curvature,
+        ``"owned"`` blocks are gathered by ``state_dict``), so it resumes anywhere; with
+        "mc" Fisher the ranks then sample other labels than the saved run would have: said
+        once, not left silent."""
+        if saved != world_size() and self.fisher == "mc":
+            warnings.warn(
+                f"this state was saved on {saved} rank(s) and is loaded on {world_size()}: "
+                "the curvature and recursions continue exactly, but each rank's Monte-Carlo "
+                "labels are drawn for its own shard, so the run is not bit-exact with one "
+                f"that stayed on {saved}", stacklevel=3)
 
     def _load_generator(self, saved: Tensor) -> None:
         """Restore the label generator's state. A state saved by another device type's
