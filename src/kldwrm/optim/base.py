@@ -8,7 +8,6 @@ what it remembers for the next step (:meth:`_after_step`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import warnings
@@ -21,24 +20,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._validation import (
-    check_choice,
-    check_int_at_least,
     check_nonnegative,
-    check_optional_positive,
     check_positive,
     check_unit_interval,
 )
 from ..curvature import (
-    BIAS_MODES,
-    CURVATURES,
-    DECOMPOSITIONS,
-    DENSE_SCOPES,
-    EMBEDDINGS,
-    FISHER_TYPES,
-    LIKELIHOODS,
-    WEIGHT_SHARING,
     CurvatureEngine,
-    unwrap,
 )
 from ..curvature.capture import OutputSelector, in_backward, widen
 from ..curvature.linalg import all_finite
@@ -47,18 +34,15 @@ from ..distributed import (
     full,
     is_sharded,
     shard_like,
-    world_size,
 )
 from . import damping as lm
+from .options import check_arguments, check_options, optimized
+from .persistence import Persistent
 
 logger = logging.getLogger(__name__)
 
-#: how the damping γ enters a Kronecker block (``damping_split``)
-DAMPING_SPLITS = ("tikhonov", "pi")
-
 #: (ea_scale e, fresh_scale f, damping γ) for one parameter group: the system e·F̄ + f·F + γI
 Scales = tuple[float, float, float]
-
 
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Per-tensor dot products ``aᵢ·bᵢ``: one pass over each pair, no temporaries."""
@@ -93,81 +77,6 @@ def _label_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return gen
 
 
-def _check_arguments(model: Any, *, lr: float, rho: float, damping: float,
-                     weight_decay: float, kl_clip: float | None, block_clip: float | None,
-                     update_freq: int, fisher: str, likelihood: str, curvature: str,
-                     dense_scope: str, bias: str, rank: int | None,
-                     output: OutputSelector) -> None:
-    """``ValueError``/``TypeError`` naming the first bad constructor argument."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"the first argument must be the nn.Module being trained, got {type(model)!r}"
-        )
-    check_positive("lr", lr)
-    check_unit_interval("rho", rho)
-    check_nonnegative("damping", damping)
-    check_nonnegative("weight_decay", weight_decay)
-    check_optional_positive("kl_clip", kl_clip)
-    check_optional_positive("block_clip", block_clip)
-    check_int_at_least("update_freq", update_freq, 1)
-    check_choice("fisher", fisher, FISHER_TYPES)
-    check_choice("likelihood", likelihood, LIKELIHOODS)
-    check_choice("curvature", curvature, CURVATURES)
-    check_choice("dense_scope", dense_scope, DENSE_SCOPES)
-    check_choice("bias", bias, BIAS_MODES)
-    if rank is not None:
-        check_int_at_least("rank", rank, 1)
-    if output is not None and not (callable(output) or isinstance(output, (int, str))):
-        raise ValueError(
-            f"output must be None, an int, a str or a callable, got {type(output).__name__}"
-        )
-    if fisher == "exact" and curvature != "dense":
-        raise ValueError(
-            "fisher='exact' is only available with curvature='dense'; "
-            "use fisher='mc' or 'empirical' with Kronecker curvature"
-        )
-    if rank is not None and curvature in ("ekfac", "adaptive"):
-        raise ValueError(
-            f"rank needs curvature='kron': curvature={curvature!r} measures the eigenvalues "
-            "in a complete eigenbasis"
-        )
-
-
-def _optimized(model: nn.Module, params: Iterable[Any] | None) -> list[Any]:
-    """The constructor's ``params``; by default every parameter, frozen ones included (as
-    torch.optim's ``model.parameters()``): a tensor frozen now and unfrozen later is trained
-    from its first gradient."""
-    out = list(unwrap(model).parameters() if params is None else params)
-    if not out:
-        raise ValueError("the model has no parameters to optimize")
-    return out
-
-
-def _check_options(momentum: float, eigen_beta: float, eigen_power: float,
-                   damping_split: str, curvature: str, rank: int | None, embeddings: str,
-                   weight_sharing: str) -> None:
-    """``ValueError`` naming the first bad keyword-only option."""
-    check_unit_interval("momentum", momentum)
-    _check_eigen(eigen_beta, eigen_power)
-    _check_damping_split(damping_split, curvature, rank)
-    check_choice("embeddings", embeddings, EMBEDDINGS)
-    check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
-
-
-def _check_damping_split(damping_split: str, curvature: str, rank: int | None) -> None:
-    check_choice("damping_split", damping_split, DAMPING_SPLITS)
-    if damping_split == "pi" and (curvature != "kron" or rank is not None):
-        raise ValueError(
-            "damping_split='pi' splits γ between the two Kronecker factors: it needs "
-            f"curvature='kron' without rank (got curvature={curvature!r}, rank={rank!r})")
-
-
-def _check_eigen(eigen_beta: float, eigen_power: float) -> None:
-    check_unit_interval("eigen_beta", eigen_beta)
-    if not 0.0 < eigen_power <= 1.0:
-        raise ValueError(f"eigen_power must be in (0, 1], got {eigen_power!r}")
-
-
 class NonFiniteGradientWarning(RuntimeWarning):
     """Issued (once per optimizer) when a step is skipped for NaN/Inf gradients."""
 
@@ -176,7 +85,7 @@ class MissingCurvatureWarning(RuntimeWarning):
     """Issued (once per optimizer) when a refresh step finds layers that received no data."""
 
 
-class CurvatureOptimizer(Optimizer):
+class CurvatureOptimizer(Persistent, Optimizer):
     """Base class of :class:`KFAC`, :class:`SOKLDWRM`, :class:`QKLDWRM` and :class:`QEKLDWRM`.
 
     Args:
@@ -283,30 +192,19 @@ class CurvatureOptimizer(Optimizer):
         weight_sharing: str = "expand",
         decompositions: str = "auto",
     ) -> None:
-        _check_options(momentum, eigen_beta, eigen_power, damping_split, curvature, rank,
-                       embeddings, weight_sharing)
-        check_choice("decompositions", decompositions, DECOMPOSITIONS)
-        if decompositions == "owned" and curvature in ("ekfac", "adaptive"):
-            raise ValueError(
-                f"decompositions='owned' needs curvature='kron' or 'dense': with "
-                f"curvature={curvature!r} every rank measures moments in every eigenbasis")
+        check_options(momentum, eigen_beta, eigen_power, damping_split, curvature, rank,
+                      embeddings, weight_sharing, decompositions)
         self.adaptive_damping = lm.as_schedule(adaptive_damping)
-        _check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
-                         kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
-                         fisher=fisher, likelihood=likelihood, curvature=curvature,
-                         dense_scope=dense_scope, bias=bias, rank=rank, output=output)
-        super().__init__(_optimized(model, params),
+        check_arguments(model, lr=lr, rho=rho, damping=damping, weight_decay=weight_decay,
+                        kl_clip=kl_clip, block_clip=block_clip, update_freq=update_freq,
+                        fisher=fisher, likelihood=likelihood, curvature=curvature,
+                        dense_scope=dense_scope, bias=bias, rank=rank, output=output)
+        super().__init__(optimized(model, params),
                          dict(lr=lr, damping=damping, weight_decay=weight_decay,
                               momentum=momentum))
-        self.rho = rho
-        self.kl_clip = kl_clip
-        self.block_clip = block_clip
-        self.update_freq = update_freq
-        self.fisher = fisher
-        self.likelihood = likelihood
-        self.bias = bias
-        self.rank = rank
-        self.output = output
+        self.rho, self.kl_clip, self.block_clip = rho, kl_clip, block_clip
+        self.update_freq, self.fisher, self.likelihood = update_freq, fisher, likelihood
+        self.bias, self.rank, self.output = bias, rank, output
         self._params: list[nn.Parameter] = [p for g in self.param_groups for p in g["params"]]
         self._group_of: list[int] = [
             gi for gi, g in enumerate(self.param_groups) for _ in g["params"]
@@ -749,85 +647,6 @@ class CurvatureOptimizer(Optimizer):
 
     def _before_fold(self) -> None:
         """Called on refresh steps just before the curvature is re-decomposed."""
-
-    # -- persistence --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed for bit-exact continuation (tensors and plain values only)."""
-        sd = super().state_dict()
-        sd["kldwrm"] = self._extra_state(self.engine.state_dict())
-        return sd
-
-    def _extra_state(self, curvature: dict[str, dict[str, Tensor]] | None) -> dict[str, Any]:
-        """``state_dict()['kldwrm']``: what ``torch.optim`` does not keep."""
-        return {
-            "version": 2,  # 2: QKLDWRM keeps its wake in the eigenbasis of F̄
-            "steps_taken": self.steps_taken,
-            "skipped_steps": self.skipped_steps,
-            "generator": self.generator.get_state(),
-            "curvature": curvature,
-            "rule": self._rule_state(),
-            "trainable": list(self._trainable),
-            "pending": sorted(self._pending),
-            "ranks": world_size(),  # the state is whole; see _check_ranks
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("kldwrm", None)
-        if extra is None:
-            raise ValueError(
-                f"this state_dict was not saved by a kldwrm optimizer ({type(self).__name__})"
-            )
-        super().load_state_dict(state_dict)
-        self.steps_taken = int(extra["steps_taken"])
-        self.skipped_steps = int(extra["skipped_steps"])
-        self._load_generator(extra["generator"])
-        self._check_ranks(int(extra.get("ranks", world_size())))
-        self.engine.load_state_dict(extra["curvature"])
-        self._load_rule_state(extra.get("rule", {}))
-        self._trainable = list(extra.get("trainable", [_trainable(b)
-                                                        for b in self.engine.blocks]))
-        self._pending = set(extra.get("pending", []))
-        self.engine.arm(False)
-        self._arm_next()
-
-    def _check_ranks(self, saved: int) -> None:
-        """The state is whole at any number of ranks (every rank folds the same curvature,
-        ``"owned"`` blocks are gathered by ``state_dict``), so it resumes anywhere; with
-        "mc" Fisher the ranks then sample other labels than the saved run would have: said
-        once, not left silent."""
-        if saved != world_size() and self.fisher == "mc":
-            warnings.warn(
-                f"this state was saved on {saved} rank(s) and is loaded on {world_size()}: "
-                "the curvature and recursions continue exactly, but each rank's Monte-Carlo "
-                "labels are drawn for its own shard, so the run is not bit-exact with one "
-                f"that stayed on {saved}", stacklevel=3)
-
-    def _load_generator(self, saved: Tensor) -> None:
-        """Restore the label generator's state. A state saved by another device type's
-        generator (a run resumed elsewhere: a CUDA generator's state is 16 bytes, a CPU one's
-        5056) cannot be restored: the stream then restarts from a seed derived from that
-        state, which is deterministic but not the stream the other device would have drawn."""
-        saved = saved.cpu()
-        if saved.numel() == self.generator.get_state().numel():
-            self.generator.set_state(saved)
-            return
-        digest = hashlib.sha256(saved.numpy().tobytes()).digest()
-        self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
-        if self.fisher == "mc":
-            warnings.warn(
-                f"the state_dict's label generator was saved on another device type than "
-                f"{self.generator.device.type!r}; the Monte-Carlo labels continue from a seed "
-                "derived from it, so this run is not bit-exact with one that stayed there",
-                stacklevel=3,
-            )
-
-    def _rule_state(self) -> dict[str, Any]:
-        """Rule state that is not per-parameter (kept in ``state_dict()['kldwrm']['rule']``)."""
-        return {}
-
-    def _load_rule_state(self, state: dict[str, Any]) -> None:
-        pass
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state: curvature plus per-parameter recursion vectors."""
