@@ -123,14 +123,14 @@ Every optimizer below is built by `benchmarks.common.make`, which is
 shown) and `rank` where the method name carries one: the configuration a user gets from
 the defaults (the paper settings, Monte-Carlo Fisher, exact decompositions unless `-rN`).
 
-| section | optimizer | batches | threads |
+| section | `make_optimizer` | batches | threads |
 |---|---|---|---|
-| Targets, Step time, Step time against width | `make_optimizer` defaults (+ `rank`) | synthetic: fixed random batches of the workload's shape (`benchmarks.common.synthetic_batches`) | 2 (the run's) |
-| Low rank: accuracy against rank | `make_optimizer("kfac", rank=r)` | real MNIST, batch 256 | 2 |
-| The refresh step, itemised | `make_optimizer` defaults | synthetic, as the step time | 2 |
-| Memory and optimizer state | `make_optimizer` defaults | synthetic | 2 |
-| Time to accuracy | `make_optimizer` defaults (SGD/Adam: the swept learning rate) | real MNIST / Fashion-MNIST, batch 512 | 2 |
-| Issue 2 | `make_optimizer("kfac")` against `make_optimizer("sgd")` | synthetic | 2 |
+| Targets, Step time (and width) | defaults (+ `rank`) | synthetic (`synthetic_batches`) | 2 |
+| Low rank: accuracy against rank | `"kfac"`, `rank=r` | real MNIST, batch 256 | 2 |
+| The refresh step, itemised | defaults | synthetic | 2 |
+| Memory and optimizer state | defaults | synthetic | 2 |
+| Time to accuracy | defaults (SGD/Adam: swept lr) | real MNIST / Fashion-MNIST, batch 512 | 2 |
+| Issue 2 | `"kfac"` against `"sgd"` | synthetic | 2 |
 
 Two quiet runs of the same cell differ by up to 0.2x on the MLP (K-FAC `rank=128`: 2.05x
 in run 6, 2.23x in run 12), so a figure measured outside this harness, with other rounds,
