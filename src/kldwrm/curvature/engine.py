@@ -97,8 +97,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _functionally_called(model: nn.Module) -> set[int]:
     """Linear layers whose weights their parent uses without calling them as modules, so no
-    hook sees their inputs: ``nn.MultiheadAttention.out_proj``. They get diagonal blocks."""
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    hook sees their inputs: ``nn.MultiheadAttention.out_proj`` (not that of
+    :class:`kldwrm.layers.MultiheadAttention`, which calls it). They get diagonal blocks."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+            and not getattr(m, "projections_are_modules", False)}
 
 
 def _dense_groups(
