@@ -49,9 +49,8 @@ kfac-pytorch needs only torch (``dependencies = ["torch>=2"]``); SOAP is the one
 ``soap.py``, found on ``PYTHONPATH``. The page (``docs/lm_benchmark.md``) is then rendered
 with kldwrm's venv::
 
-    python -m benchmarks.lm --from-json docs/results/lm_600.json \\
-        docs/results/lm_peers_600.json docs/results/lm_600_d128_l4.json \\
-        docs/results/lm_peers_600_d128_l4.json --page docs/lm_benchmark.md
+    python -m benchmarks.lm --from-json $(python -c \\
+        "from benchmarks.lm import PAGE_RUNS; print(*PAGE_RUNS)") --page docs/lm_benchmark.md
 """
 
 from __future__ import annotations
