@@ -29,8 +29,9 @@ Frobenius norm and keeps the factor's trace; it is computed from the trace alone
 The operator actually inverted is ``e Ā_r ⊗ Γ̄_r + γI``, whose eigenvectors are the kept
 pairs and the two complements, so its inverse (:meth:`KroneckerFactors.solve`) costs four
 products of ``O(out · in · r)``, as does the product with it (:meth:`matvec`): the cost is
-quadratic in the width. Q's refresh system (fresh factors truncated the same way) is solved
-by CG with that inverse as preconditioner. See ``docs/theory.md``.
+quadratic in the width. Q's refresh system truncates the fresh factors in the averages' kept
+bases and is solved in closed form but for an ``r × r`` core
+(:func:`~kldwrm.curvature.lowrank.refresh_solve`). See ``docs/theory.md``.
 """
 
 from __future__ import annotations
@@ -38,95 +39,28 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .linalg import CurvatureError, conjugate_gradient, sym_eig
+from .linalg import conjugate_gradient, sym_eig
+from .lowrank import (
+    EXACT_SOLVE_RTOL,
+    Compressed,
+    Spectrum,
+    check_residual,
+    compress,
+    low_rank_inverse,
+    refresh_solve,
+)
 from .randomized import discarded_trace_mean, randomized_eigh
-
-#: relative residual that ``q_solve="exact"`` guarantees on refresh steps (DESIGN section 3)
-EXACT_SOLVE_RTOL = 1e-6
-
-#: with truncated factors (``rank``) Q's refresh system is solved to this fraction of the
-#: operator's own relative (Frobenius) truncation error, within [EXACT_SOLVE_RTOL, 1e-2]:
-#: a residual far below the error of the operator itself buys nothing
-TRUNCATED_SOLVE_FRACTION = 0.1
-TRUNCATED_SOLVE_MAX_RTOL = 1e-2
-
 
 #: randomized eigensolver settings: oversampling, and power iterations without / with a
 #: warm start from the previous refresh's basis
 OVERSAMPLE = 10
 POWER_ITERS_COLD = 2
 POWER_ITERS_WARM = 1
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """``U diag(vals) Uᵀ + tail (I − U Uᵀ)``: kept eigenpairs and the discarded spectrum's
-    constant (``tail = 0`` and ``U`` square when nothing is discarded)."""
-
-    vals: Tensor
-    vecs: Tensor
-    tail: Tensor
-
-    @property
-    def full(self) -> bool:
-        return self.vecs is None or self.vecs.shape[1] == self.vecs.shape[0]
-
-    def right(self, V: Tensor) -> Tensor:
-        """``V · S``: ``tail·V + (V U)(diag(vals) − tail) Uᵀ`` (two products of ``O(n² r)``,
-        the sum fused into the second); ``V · diag(vals)`` for a diagonal factor."""
-        if self.vecs is None:
-            return V * self.vals
-        VU = (V @ self.vecs).mul_(self.vals - self.tail)
-        if self.full:
-            return VU @ self.vecs.T
-        return torch.addmm(V, VU, self.vecs.T, beta=float(self.tail))
-
-    def left(self, V: Tensor) -> Tensor:
-        """``S · V``."""
-        return self.right(V.T).T
-
-
-def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: float) -> Tensor:
-    """``(e A ⊗ G + γI)^{-1} vec(V)`` as a matrix, for spectra with kept and tail parts.
-
-    With ``P = UUᵀ`` and ``Q = I − P`` on each side, ``V`` splits into four parts whose
-    eigenvalues are ``e·g_i a_j`` (kept × kept), ``e·g_i c_A``, ``e·c_G a_j`` and
-    ``e·c_G c_A``; writing ``s = 1/(eigenvalue + γ)`` for each and ``X = U_Gᵀ V U_A``::
-
-        result = s22 V + U_G diag(s12 − s22) U_Gᵀ V + V U_A diag(s21 − s22) U_Aᵀ
-                 + U_G [X ∘ (s11 − s12 − s21 + s22)] U_Aᵀ,
-
-    where the terms of a complement that is empty (a factor kept whole) are left out.
-    Four products of ``O(out · in · r)``.
-    """
-    s11 = 1.0 / (torch.outer(G.vals, A.vals) * e + damping)
-    s12 = None if A.full else 1.0 / (G.vals * (e * A.tail) + damping)
-    s21 = None if G.full else 1.0 / (A.vals * (e * G.tail) + damping)
-    s22 = None if A.full or G.full else 1.0 / (e * G.tail * A.tail + damping)
-    VA = V @ A.vecs
-    X = G.vecs.T @ VA
-    w = s11
-    if s12 is not None:
-        w = w - s12[:, None]
-    if s21 is not None:
-        w = w - s21[None, :]
-    if s22 is not None:
-        w = w + s22
-    right = G.vecs @ (X * w)  # (out, r_A)
-    if s21 is not None:
-        right.add_(VA * (s21 if s22 is None else s21 - s22)[None, :])
-    # the full-size terms are summed inside the products (addmm), with no temporaries
-    out = right @ A.vecs.T if s22 is None else torch.addmm(V, right, A.vecs.T, beta=float(s22))
-    if s12 is not None:
-        left = (G.vecs.T @ V).mul_((s12 if s22 is None else s12 - s22)[:, None])
-        out.addmm_(G.vecs, left)
-    return out
 
 
 def decomposition_cost(factors: Sequence[Tensor], rank: int | None) -> float:
@@ -336,7 +270,7 @@ class KroneckerFactors:
         if method == "augmented":
             return self._solve_augmented(V, damping, ea_scale, fresh_scale)
         if not self.exact:
-            return self._solve_cg_low_rank(V, damping, ea_scale, fresh_scale)
+            return self._solve_low_rank(V, damping, ea_scale, fresh_scale)
         return self._solve_cg(V, damping, ea_scale, fresh_scale)
 
     def _solve_augmented(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
@@ -382,77 +316,28 @@ class KroneckerFactors:
         precond = 1.0 / (D + f * torch.outer(torch.diagonal(Gh), _diagonal(Ah)))
         X, rel, _ = conjugate_gradient(op, Vt, precond, rtol=EXACT_SOLVE_RTOL * 0.5)
         self.last_residual = rel
-        if rel > EXACT_SOLVE_RTOL:
-            raise CurvatureError(
-                f"q_solve='exact' did not reach relative residual {EXACT_SOLVE_RTOL:g} for "
-                f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
-            )
+        check_residual(rel, self.name)
         return self.unrotate(X.to(dt))
 
-    def _fresh_spectra(self) -> tuple[Spectrum, Spectrum]:
-        """The fresh factors truncated like the averages (once per refresh step)."""
-        def make() -> tuple[Spectrum, Spectrum]:
-            A = self._decompose(self.A_fresh, self.evecs_A, "fresh A")
-            G = self._decompose(self.G_fresh, self.evecs_G, "fresh Gamma")
-            return Spectrum(*G), Spectrum(*A)
+    def _fresh_compressed(self) -> tuple[Compressed, Compressed]:
+        """The fresh factors truncated in the averages' kept bases, in float64 (once per
+        refresh: one product of ``O(n² r)`` per factor)."""
+        def make() -> tuple[Compressed, Compressed]:
+            G, A = (sp.double() for sp in self.spectra())
+            return compress(self.G_fresh.double(), G), compress(self.A_fresh.double(), A)
 
-        return self.cached("fresh-spectra", make)
+        return self.cached("fresh-compressed", make)
 
-    def truncation_error(self) -> float:
-        """Relative Frobenius error of the truncated Kronecker products, the larger of the
-        average's and the fresh estimate's: ``ε_A + (1 + ε_A) ε_Γ`` bounds
-        ``‖A⊗Γ − A_r⊗Γ_r‖_F / ‖A⊗Γ‖_F``, with ``ε_M = √(Σ_disc (λ − c)²) / ‖M‖_F`` exact
-        from ``‖M‖_F² − Σ_kept λ² − (n − r) c²`` (the discarded eigenvalues replaced by
-        their mean ``c``; ``O(n²)``, no decomposition). 0 with whole decompositions."""
-        def make() -> float:
-            G, A = self.spectra()
-            out = _kron_error(_truncation(self.A_bar, A), _truncation(self.G_bar, G))
-            if self.A_fresh is not None and self.A_fresh is not self.A_bar:
-                Gf, Af = self._fresh_spectra()
-                out = max(out, _kron_error(_truncation(self.A_fresh, Af),
-                                           _truncation(self.G_fresh, Gf)))
-            return out
-
-        return self.cached("truncation", make)
-
-    def truncated_rtol(self) -> float:
-        """The relative residual Q's refresh solve reaches with truncated factors."""
-        return min(max(EXACT_SOLVE_RTOL, TRUNCATED_SOLVE_FRACTION * self.truncation_error()),
-                   TRUNCATED_SOLVE_MAX_RTOL)
-
-    def _solve_cg_low_rank(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
-        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI`` solved to relative residual ``τ`` =
-        :meth:`truncated_rtol` (a tenth of the operator's truncation error, at least 1e-6).
-
-        CG runs in the factors' precision, preconditioned by the closed-form inverse of
-        ``e Ā_r⊗Γ̄_r + γI`` (two iterations typically suffice); the residual is then
-        measured with the operator in float64 and, while above ``τ``, the correction is
-        solved the same way (iterative refinement). So the residual bound is certified in
-        float64 while the products mostly run in float32.
+    def _solve_low_rank(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
+        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI`` (:func:`~kldwrm.curvature.lowrank.refresh_solve`):
+        closed form but for the ``r × r`` core, solved to ``EXACT_SOLVE_RTOL``. In float64
+        (four products of ``O(out · in · r)``, once per refresh), so that the residual bound
+        holds for float32 factors too: the result is rounded to ``V``'s dtype only at the end.
         """
-        tol = self.truncated_rtol()
-        spectra = (*self.spectra(), *self._fresh_spectra())
-        op = _system(*spectra, e, f, damping)
-        op64 = _system(*(_double(sp) for sp in spectra), e, f, damping)
-        V64, X = V.double(), torch.zeros_like(V, dtype=torch.float64)
-        norm = float(torch.linalg.vector_norm(V64)) or 1.0
-        R, rel = V64, 1.0
-        for _ in range(4):
-            D, _, _ = conjugate_gradient(
-                op, R.to(V.dtype), lambda r: low_rank_inverse(r, *spectra[:2], e, damping),
-                rtol=tol * 0.25,
-            )
-            X += D.double()
-            R = V64 - op64(X)
-            rel = float(torch.linalg.vector_norm(R)) / norm
-            if rel <= tol:
-                break
+        G, A = (sp.double() for sp in self.spectra())
+        X, rel = refresh_solve(V.double(), G, A, *self._fresh_compressed(), e, f, damping)
         self.last_residual = rel
-        if rel > tol:
-            raise CurvatureError(
-                f"q_solve='exact' did not reach relative residual {tol:g} for "
-                f"{self.name!r} (got {rel:.2e}); use q_solve='augmented' or more damping"
-            )
+        check_residual(rel, self.name)
         return X.to(V.dtype)
 
     def matvec(self, V: Tensor, damping: float, ea_scale: float, fresh_scale: float) -> Tensor:
@@ -463,7 +348,7 @@ class KroneckerFactors:
                 G, A = self.spectra()
                 out = out.add_(G.left(A.right(V)), alpha=ea_scale)
             if fresh_scale != 0.0:
-                G, A = self._fresh_spectra()
+                G, A = (c.to(V.dtype) for c in self._fresh_compressed())
                 out = out.add_(G.left(A.right(V)), alpha=fresh_scale)
             return out
         if ea_scale == 0.0:  # fresh term only (QE's B_k on refresh steps)
@@ -495,16 +380,6 @@ class KroneckerFactors:
         self.drop_fresh()
 
 
-def _system(G: Spectrum, A: Spectrum, Gf: Spectrum, Af: Spectrum, e: float, f: float,
-            damping: float) -> Callable[[Tensor], Tensor]:
-    """``X ↦ e Γ̄_r X Ā_r + f Γ_r X A_r + γ X``: Q's refresh system with truncated factors."""
-    def op(X: Tensor) -> Tensor:
-        return (Gf.left(Af.right(X)).mul_(f)
-                .add_(G.left(A.right(X)), alpha=e).add_(X, alpha=damping))
-
-    return op
-
-
 def _times(X: Tensor, A: Tensor) -> Tensor:
     """``X A`` for an input factor ``A``, a matrix or (diagonal) a vector."""
     return X * A if A.dim() == 1 else X @ A
@@ -521,23 +396,5 @@ def _diagonal(A: Tensor) -> Tensor:
     return A if A.dim() == 1 else torch.diagonal(A)
 
 
-def _truncation(mat: Tensor, sp: Spectrum) -> float:
-    """``ε_M`` of :meth:`KroneckerFactors.truncation_error` for one factor."""
-    if sp.full:
-        return 0.0
-    fro2 = float(mat.double().square().sum())
-    n, k = mat.shape[0], sp.vals.numel()
-    disc = fro2 - float(sp.vals.double().square().sum()) - (n - k) * float(sp.tail) ** 2
-    return math.sqrt(max(disc, 0.0) / fro2) if fro2 > 0.0 else 0.0
-
-
-def _kron_error(eps_a: float, eps_g: float) -> float:
-    return eps_a + (1.0 + eps_a) * eps_g
-
-
 def _whole(vecs: Tensor) -> bool:
     return vecs.shape[0] == vecs.shape[1]
-
-
-def _double(s: Spectrum) -> Spectrum:
-    return Spectrum(s.vals.double(), s.vecs.double(), s.tail.double())

@@ -89,6 +89,8 @@ class QKLDWRM(CurvatureOptimizer):
         coef = [self.rho * float(self.state[p]["prev_lr"]) / self._lr(i)  # ρ λ_k / λ_{k-1}
                 if "prev_lr" in self.state[p] else 0.0
                 for i, p in enumerate(self._params)]
+        if len(set(coef)) == 1:  # one group, or groups at one lr: a single pass
+            return list(torch._foreach_add(g, wake, alpha=coef[0]))
         out = list(torch._foreach_mul(wake, coef))
         torch._foreach_add_(out, g)
         return out
@@ -151,17 +153,18 @@ class QKLDWRM(CurvatureOptimizer):
         lrs = [self._lr(i) for i in range(len(self._params))]
         g_b, ghat_b, x_t, d = self._step_vectors  # in the basis they were computed in
         self._step_vectors = None
-        if x_t is None and (refresh or steps is not self._clipped
-                            or self.engine.damping_split != "tikhonov"):
-            fs = self.engine.matvec(steps, self._scales())
-        elif x_t is None:
-            fs = self._damped_product(ghat_b, d, steps)
-        else:  # F̄ + γI is diagonal in the eigenbasis
-            fs = torch._foreach_mul(self._steps_in_eigenbasis(steps, x_t),
-                                    self.engine.eigenvalues(self._scales()))
-        torch._foreach_mul_(fs, [1.0 / lr for lr in lrs])
-        wake = list(torch._foreach_sub(ghat_b, g_b))
-        torch._foreach_add_(wake, fs)
+        if x_t is None and not refresh and steps is self._clipped \
+                and self.engine.damping_split == "tikhonov":
+            wake = self._wake_from_direction(g_b, ghat_b, d, steps, lrs)
+        else:
+            if x_t is None:
+                fs = self.engine.matvec(steps, self._scales())
+            else:  # F̄ + γI is diagonal in the eigenbasis
+                fs = torch._foreach_mul(self._steps_in_eigenbasis(steps, x_t),
+                                        self.engine.eigenvalues(self._scales()))
+            torch._foreach_mul_(fs, [1.0 / lr for lr in lrs])
+            wake = list(torch._foreach_sub(ghat_b, g_b))
+            torch._foreach_add_(wake, fs)
         if x_t is None and self._in_eigenbasis():
             wake = self.engine.to_eigenbasis(wake)  # into the new basis
         for p, w, lr in zip(self._params, wake, lrs, strict=True):
@@ -169,22 +172,26 @@ class QKLDWRM(CurvatureOptimizer):
             st["wake"] = w
             st["prev_lr"] = lr
 
-    def _damped_product(self, ghat, d, steps):
-        """``(F̄ + γI) s`` between refreshes without a product: ``d`` solved
-        ``(e F̄ + γI) d = ĝ`` with ``e = 1 + b/λ``, so ``(F̄ + γI) d = ĝ/e + γ (1 − 1/e) d``,
-        and ``s = factor · d`` tensor by tensor. A block whose tensors were scaled by
-        different factors (the block clip) takes the product."""
+    def _wake_from_direction(self, g, ghat, d, steps, lrs):
+        """The wake between refreshes without a product: ``d`` solved ``(e F̄ + γI) d = ĝ``
+        with ``e = 1 + b/λ``, so ``(F̄ + γI) d = ĝ/e + γ (1 − 1/e) d`` and, with
+        ``s = factor · d`` tensor by tensor, ``wake = ĝ − g + λ (F̄ + γI) s`` is one
+        combination of ``ĝ``, ``d`` and ``g`` (three passes over the parameters). A block
+        whose tensors were scaled by different factors (the block clip) takes the product."""
         f = self._step_factors
         scales = self._system(False)
-        coef_g, coef_d = [], []
-        for i in range(len(self._params)):
+        wake = []
+        for i, (gi, hi, di) in enumerate(zip(g, ghat, d, strict=True)):
             e, _, damping = scales[self._group_of[i]]
-            coef_g.append(f[i] / e)
-            coef_d.append(f[i] * damping * (1.0 - 1.0 / e))
-        fs = list(torch._foreach_mul(ghat, coef_g))
-        torch._foreach_add_(fs, torch._foreach_mul(d, coef_d))
-        return self._mixed_blocks_from(
-            fs, lambda blocks: self.engine.matvec(steps, self._scales(), blocks=blocks))
+            w = hi.mul(1.0 + f[i] / (e * lrs[i]))
+            wake.append(w.add_(di, alpha=f[i] * damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi))
+
+        def exact(blocks):
+            fs = self.engine.matvec(steps, self._scales(), blocks=blocks)
+            return {i: ghat[i] - g[i] + fs[i] / lrs[i]
+                    for bi in blocks for i in self.engine.slots[bi]}
+
+        return self._mixed_blocks_from(wake, exact)
 
     def _steps_in_eigenbasis(self, steps, x_t):
         """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
