@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-import kldwrm.curvature.kron as blocks_mod
+import kldwrm.curvature.kronecker.factors as blocks_mod
 
 from .common import WORKLOADS, available_methods, is_curvature, now
 from .step_time import Runner, build_runners, workload_label

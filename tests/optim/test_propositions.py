@@ -198,7 +198,7 @@ def test_kronecker_q_refresh_solve_against_dense(small_mnist, q_solve, monkeypat
 
 def test_between_refreshes_q_uses_the_existing_eigenbasis(small_mnist, monkeypatch):
     """No decomposition between refreshes; the system there is (1 + 1/λ) F̄_q + γI."""
-    import kldwrm.curvature.kron as blocks
+    import kldwrm.curvature.kronecker.factors as blocks
 
     calls = []
     real = blocks.sym_eig

@@ -21,8 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .eigen import EigenMoments, example_moments
-from .kron import EXACT_SOLVE_RTOL, KroneckerFactors
+from .kronecker import EXACT_SOLVE_RTOL, EigenMoments, KroneckerFactors, example_moments
 from .linalg import CurvatureError
 from .statistics import conv_column_blocks, gram
 

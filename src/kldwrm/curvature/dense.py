@@ -23,7 +23,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from .blocks import Block
 from .capture import Capture, select_output
-from .kron import ea_update
+from .kronecker import ea_update
 from .linalg import sym_eig
 
 

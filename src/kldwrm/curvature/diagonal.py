@@ -8,8 +8,7 @@ from torch import Tensor, nn
 from ..distributed import zeros_full
 from .blocks import Block
 from .capture import widen
-from .eigen import EigenMoments
-from .kron import ea_update
+from .kronecker import EigenMoments, ea_update
 
 
 class DiagonalBlock(Block):

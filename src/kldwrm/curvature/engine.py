@@ -33,8 +33,8 @@ from .blocks import (
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
-from .eigen import CORRECTED, EigenMoments
 from .embedding import EmbeddingBlock, embedding_supported
+from .kronecker import CORRECTED, EigenMoments
 from .linalg import all_finite
 from .transposed import TransposedConvBlock
 

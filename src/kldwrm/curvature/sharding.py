@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..distributed import assign_by_cost, summed, world_size
 from .blocks import Block, FactoredBlock
-from .kron import decomposition_cost
+from .kronecker import decomposition_cost
 
 #: ``decompositions="auto"`` shards a refresh whose summed ``n³`` exceeds this: between the
 #: break-even (width 64, 4.4e6) and a clear gain (width 128, 3.4e7) on 2 ranks
@@ -46,7 +46,7 @@ SHARD_DECOMPOSITIONS_ABOVE = 1.0e7
 def decomposers(blocks: Sequence[Block], estimates: Sequence[dict[str, Tensor] | None],
                 rank: int | None, auto: bool) -> dict[int, int]:
     """The rank that decomposes each Kronecker block folded now, balanced by the cost of
-    its decompositions (:func:`~kldwrm.curvature.kron.decomposition_cost`); empty when
+    its decompositions (:func:`~kldwrm.curvature.kronecker.factors.decomposition_cost`); empty when
     ``auto`` and the refresh costs less than :data:`SHARD_DECOMPOSITIONS_ABOVE`."""
     folded = [bi for bi, (b, est) in enumerate(zip(blocks, estimates, strict=True))
               if est is not None and isinstance(b, FactoredBlock)]

@@ -107,7 +107,7 @@ class CurvatureOptimizer(Persistent, Optimizer):
             per-example second moments of the gradient as eigenvalues, refreshed with it;
             George et al. 2018), ``"adaptive"`` (that basis with the running second
             moments of the step's gradient, updated every step: SOAP's idea) or
-            ``"dense"`` (full Fisher; small models). See :mod:`kldwrm.curvature.eigen`.
+            ``"dense"`` (full Fisher; small models). See :mod:`kldwrm.curvature.kronecker.eigen`.
         dense_scope: with ``curvature="dense"``, one block for the ``"model"`` or one per
             ``"layer"`` (module).
         bias: how a layer's bias enters its Kronecker block: ``"homogeneous"`` (an extra

@@ -5,7 +5,7 @@
   ``(e Ā_r ⊗ Γ̄_r + γI)^{-1} g`` with ``Ā_r = U diag(a) Uᵀ + c (I − U Uᵀ)`` built from the
   block's kept eigenpairs and tail constant; the product (Q's wake, QE's ``B_k s``) too;
   and Q's refresh solve meets the 1e-6 residual on the truncated system (the fresh factors
-  compressed onto the averages' kept bases, ``tests/curvature/test_lowrank.py``).
+  compressed onto the averages' kept bases, ``tests/curvature/kronecker/test_lowrank.py``).
 * The tail constant is the mean of the discarded eigenvalues (trace preserved).
 """
 
@@ -68,7 +68,7 @@ def _dense_factor(vals: Tensor, vecs: Tensor, tail: Tensor) -> Tensor:
 
 
 def _dense64(s) -> Tensor:
-    """A :class:`~kldwrm.curvature.kron.Spectrum` as a dense float64 matrix."""
+    """A :class:`~kldwrm.curvature.kronecker.factors.Spectrum` as a dense float64 matrix."""
     return _dense_factor(s.vals.double(), s.vecs.double(), s.tail.double())
 
 

@@ -1,4 +1,5 @@
-"""``curvature.lowrank``: Q's refresh solve on truncated factors against dense float64 systems.
+"""``curvature.kronecker.lowrank``: Q's refresh solve on truncated factors, against dense
+float64 systems.
 
 The reference is built independently from its definition: each truncated factor as the dense
 matrix ``U diag(a) Uᵀ + c (I − UUᵀ)`` (averages) or ``U (Uᵀ F U) Uᵀ + c_F (I − UUᵀ)`` (fresh
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kldwrm.curvature.lowrank import (
+from kldwrm.curvature.kronecker.lowrank import (
     Spectrum,
     compress,
     low_rank_inverse,

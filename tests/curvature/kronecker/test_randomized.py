@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from kldwrm.curvature.kronecker.randomized import discarded_trace_mean, randomized_eigh
 from kldwrm.curvature.linalg import CurvatureError, single_thread
-from kldwrm.curvature.randomized import discarded_trace_mean, randomized_eigh
 
 N, RANK = 300, 20
 EPS64 = torch.finfo(torch.float64).eps

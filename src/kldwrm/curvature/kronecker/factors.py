@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .linalg import conjugate_gradient, sym_eig
+from ..linalg import conjugate_gradient, sym_eig
 from .lowrank import (
     EXACT_SOLVE_RTOL,
     Compressed,

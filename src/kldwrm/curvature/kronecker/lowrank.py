@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .linalg import CurvatureError, conjugate_gradient
+from ..linalg import CurvatureError, conjugate_gradient
 
 #: relative residual that ``q_solve="exact"`` guarantees on refresh steps (DESIGN section 3)
 EXACT_SOLVE_RTOL = 1e-6

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .linalg import CurvatureError, single_thread, sym_eig
+from ..linalg import CurvatureError, single_thread, sym_eig
 
 __all__ = ["discarded_trace_mean", "randomized_eigh"]
 
