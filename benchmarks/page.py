@@ -152,7 +152,8 @@ earlier the same day, before the change below (not stored): 2.24x, 2.41x and 3.5
 by
 
 ```
-python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 --methods sgd,kfac-r128,so-r128,q-r128
+python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 \\
+    --methods sgd,kfac-r128,so-r128,q-r128
 ```
 
 - **What changed.** Q's refresh system `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` now truncates the
