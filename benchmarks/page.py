@@ -221,6 +221,9 @@ study paused, load average ~2 from the benchmark itself).
   (SGD's own step went from 20 to 25 ms between runs 4 and 9). Getting to 1.05x means
   roughly halving both parts: fusing the per-block solves into fewer kernels, and a
   cheaper `A` for convolutions (the Gram of the im2col patches is intrinsic to KFC).
+  The operator-level breakdown (issue 25: `python -m benchmarks.profile_step --workload
+  cnn --method kfac`) is in `docs/results/profile_cnn.md`: ~70 small operators and ~0.5 ms
+  of Python per ordinary step, and 47 Gram `addmm_` (~10 ms) per refresh.
 - **Residual CNN: missed (1.06x, 1.08x, 1.08x).** Between refreshes the K-FAC step costs
   what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
   ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
