@@ -33,8 +33,11 @@ class QKLDWRM(CurvatureOptimizer):
     code's ``(Ā + A/λ)⊗(Γ̄ + Γ/λ) + γI``).
 
     With ``rank`` (truncated factors, no complete eigenbasis) every step takes the
-    parameter-coordinate path of the refresh steps: one low-rank solve and one low-rank
-    product per block, each quadratic in the width.
+    parameter-coordinate path of the refresh steps: one low-rank solve per block, quadratic
+    in the width (the wake between refreshes needs no product, see
+    :meth:`_wake_from_direction`). On refresh steps the fresh factors are truncated in the
+    averages' kept bases, and the system is solved in closed form but for an ``r × r`` core
+    (:func:`~kldwrm.curvature.kronecker.lowrank.refresh_solve`).
 
     State per tensor: ``wake`` = ``ĝ_k - g_k + λ_k F̄_k s_k`` and ``prev_lr`` = ``1/λ_k``,
     from which ``ĝ_{k+1}`` follows exactly; this is one vector fewer than storing ``ĝ``
