@@ -146,10 +146,12 @@ target has its CPU row (2 threads), measured or not, and one more per other devi
 
 ### Q with a rank (issue 25)
 
-Run 16 (quiet machine, nothing else running): `kfac-r128` 2.18x, `so-r128` 2.35x, `q-r128`
-2.82x SGD (target 2.4x: met for K-FAC and SO in this run, missed for Q). The same command
-earlier the same day, before the change below (not stored): 2.24x, 2.41x and 3.59x. Measured
-by
+Run 17 (quiet machine, nothing else running): `kfac-r128` 2.26x, `so-r128` 2.35x,
+`q-r128` 2.81x SGD; two more runs of the same command right after it (not stored): 2.21x /
+2.36x / 2.72x and 2.20x / 2.31x / 2.71x. Target 2.4x: met for K-FAC and SO, missed for Q.
+Before this issue's changes, the same command the same day (not stored): 2.24x, 2.41x and
+3.59x; run 16, after the Q changes but before the eigensolver's threading: 2.18x, 2.35x,
+2.82x. Measured by
 
 ```
 python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 \\
@@ -162,16 +164,20 @@ python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 \\
   in closed form and an `r × r` core solved by CG (docs/theory.md section 7). No randomized
   decomposition of the fresh factors and no CG over the whole block remain. Between
   refreshes the wake is one combination of `ĝ`, the direction and `g` (three passes over
-  the parameters instead of six), `ĝ` one pass, SO's `g − ρ g_prev` one pass.
+  the parameters instead of six), `ĝ` one pass, SO's `g − ρ g_prev` one pass. The
+  randomized eigensolver (every rule's refresh) ran its products on one thread, like its
+  QRs; the products now use every thread (a warm rank-128 decomposition of a 1025 × 1025
+  factor: 8.9-10.2 ms before, 6.7 ms after).
 - **Where Q's time goes now** (one refresh and 29 ordinary steps timed in a plain loop,
-  synthetic batch, 2 threads): a refresh step 127 ms (282 ms before; K-FAC's 83 ms):
-  the averages' decompositions 48 ms (as K-FAC), the compressions of the fresh factors
-  15 ms, the solve 34 ms (float64, so that the 1e-6 residual holds for float32 factors),
-  the wake's product `(F̄ + γI) s` 17 ms, the sampled-label backward 9 ms. An ordinary
-  step 23.8 ms against K-FAC's 19.2 ms: the solve is the same (four products of
-  `out · in · 128` per block, ~7.6 ms), the wake and `ĝ` ~2 ms, the rest the rule's
-  bookkeeping. So Q pays ~2 ms a step for its recursion and ~1.5 ms a step for its refresh
-  over K-FAC, which is itself at 2.2x: the target leaves Q ~0.2x over K-FAC.
+  synthetic batch, 2 threads): a refresh step 127 ms (282 ms before; K-FAC's 83 ms): the
+  averages' decompositions 48 ms (as K-FAC's; 39 ms after the threading change), the
+  compressions of the fresh factors 15 ms, the solve 34 ms (float64, so that the 1e-6
+  residual holds for float32 factors), the wake's product `(F̄ + γI) s` 17 ms, the
+  sampled-label backward 9 ms. An ordinary step 23.8 ms against K-FAC's 19.2 ms: the solve
+  is the same (four products of `out · in · 128` per block, ~7.6 ms), the wake and `ĝ` ~2
+  ms, the rest the rule's bookkeeping. So Q pays ~2 ms a step for its recursion and ~1.5 ms
+  a step for its refresh over K-FAC, which is itself at 2.2x: the target leaves Q ~0.2x over
+  K-FAC.
 - **What would close it:** the refresh solve and the compressions in float32 with one
   float64 refinement (~15 ms), a wake product on refresh steps from the solve's own
   projections, and fusing `ĝ` into the solve's first product.

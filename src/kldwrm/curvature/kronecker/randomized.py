@@ -86,9 +86,9 @@ def randomized_eigh(
         evals, evecs = sym_eig(_finite(mat, name), name)
         return evals.flip(0)[:k], evecs.flip(1)[:, :k]
     omega = _start_block(mat, rank, width, init, generator)
-    with single_thread(n):
-        q = _range_finder(mat, omega, power_iters)
-        small = q.T @ (mat @ q)
+    # the products use every thread; the QRs run on one below SINGLE_THREAD_BELOW (_orth)
+    q = _range_finder(mat, omega, power_iters)
+    small = q.T @ (mat @ q)
     return _rayleigh_ritz(q, small, k, name)
 
 
@@ -222,5 +222,9 @@ def _finite(mat: Tensor, name: str) -> Tensor:
 
 
 def _orth(block: Tensor) -> Tensor:
-    """Orthonormal basis of the columns (Householder QR: orthonormal even if rank-deficient)."""
-    return torch.linalg.qr(block, mode="reduced").Q
+    """Orthonormal basis of the columns (Householder QR: orthonormal even if rank-deficient);
+    on one thread for fewer than ``SINGLE_THREAD_BELOW`` rows, where a 1025 × 138 QR took
+    1.1 ms on one thread and 1.9 ms on two (while a product with the factor is 1.6x faster
+    on two)."""
+    with single_thread(block.shape[0]):
+        return torch.linalg.qr(block, mode="reduced").Q
