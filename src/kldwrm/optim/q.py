@@ -92,8 +92,6 @@ class QKLDWRM(CurvatureOptimizer):
         coef = [self.rho * float(self.state[p]["prev_lr"]) / self._lr(i)  # ρ λ_k / λ_{k-1}
                 if "prev_lr" in self.state[p] else 0.0
                 for i, p in enumerate(self._params)]
-        if len(set(coef)) == 1:  # one group, or groups at one lr: a single pass
-            return list(torch._foreach_add(g, wake, alpha=coef[0]))
         out = list(torch._foreach_mul(wake, coef))
         torch._foreach_add_(out, g)
         return out

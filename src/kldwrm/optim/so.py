@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from .base import CurvatureOptimizer
@@ -33,7 +32,7 @@ class SOKLDWRM(CurvatureOptimizer):
             st = self.state[p]
             if "prev_grad" in st:
                 ratio = float(st["prev_lr"]) / self._lr(i)  # λ_k / λ_{k-1}
-                u.append(torch.add(gi, st["prev_grad"], alpha=-self.rho * ratio))  # one pass
+                u.append(gi - (self.rho * ratio) * st["prev_grad"])
             else:
                 u.append(gi)
         return self.engine.solve(u, self._scales()), u
