@@ -20,6 +20,8 @@ from kldwrm import KFAC, QKLDWRM, SOKLDWRM
 from kldwrm.curvature import FactoredBlock
 from kldwrm.optim.qe import QEKLDWRM
 
+from .test_lowrank import _dense_compressed as _dense_compressed64
+
 pytestmark = pytest.mark.usefixtures("float64")
 
 
@@ -138,13 +140,8 @@ def test_truncated_product_and_tail_rule():
 
 
 def _dense_compressed(F: Tensor, U: Tensor) -> Tensor:
-    """``U (UᵀFU) Uᵀ + c (I − UUᵀ)``, ``c = (tr F − tr UᵀFU)/(n − r)``, in float64."""
-    F, U = F.double(), U.double()
-    n, r = U.shape
-    M = U.T @ F @ U
-    tail = (torch.trace(F) - torch.trace(M)) / (n - r) if n > r else torch.zeros((),
-                                                                             dtype=F.dtype)
-    return U @ M @ U.T + tail * (torch.eye(n, dtype=F.dtype) - U @ U.T)
+    """``U (UᵀFU) Uᵀ + c (I − UUᵀ)`` in float64 (the reference of ``test_lowrank.py``)."""
+    return _dense_compressed64(F.double(), U.double())
 
 
 def test_q_refresh_solve_on_the_truncated_system_meets_the_residual():

@@ -115,10 +115,10 @@ def test_compression_is_the_closest_matrix_of_its_form_and_keeps_the_trace():
     gen = torch.Generator().manual_seed(7)
     F, basis = _spd(10, gen), _truncated(_spd(10, gen), 4)
     C = compress(F, basis)
-    best = _dense(C.core, C.vecs, C.tail)
+    best = _dense(C.vals, C.vecs, C.tail)
     assert float(torch.trace(best)) == pytest.approx(float(torch.trace(F)), rel=1e-12)
     err = float(torch.linalg.matrix_norm(F - best))
     for _ in range(20):
         dM = 1e-3 * torch.randn(4, 4, generator=gen)
-        other = _dense(C.core + dM + dM.T, C.vecs, C.tail + 1e-3 * torch.randn((), generator=gen))
+        other = _dense(C.vals + dM + dM.T, C.vecs, C.tail + 1e-3 * torch.randn((), generator=gen))
         assert float(torch.linalg.matrix_norm(F - other)) > err

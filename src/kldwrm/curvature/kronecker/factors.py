@@ -31,7 +31,7 @@ pairs and the two complements, so its inverse (:meth:`KroneckerFactors.solve`) c
 products of ``O(out · in · r)``, as does the product with it (:meth:`matvec`): the cost is
 quadratic in the width. Q's refresh system truncates the fresh factors in the averages' kept
 bases and is solved in closed form but for an ``r × r`` core
-(:func:`~kldwrm.curvature.lowrank.refresh_solve`). See ``docs/theory.md``.
+(:func:`~kldwrm.curvature.kronecker.lowrank.refresh_solve`). See ``docs/theory.md``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from torch import Tensor
 from ..linalg import conjugate_gradient, sym_eig
 from .lowrank import (
     EXACT_SOLVE_RTOL,
-    Compressed,
     Spectrum,
     check_residual,
     compress,
@@ -192,13 +191,18 @@ class KroneckerFactors:
         return (Spectrum(self.evals_G, self.evecs_G, self.tail_G),
                 Spectrum(self.evals_A, self.evecs_A, self.tail_A))
 
+    #: cached values that depend on the fresh factors, not only on the decomposition
+    _FRESH_KEYS = ("augmented", "refresh-operands")
+
     def drop_fresh(self) -> None:
         self.A_fresh = self.G_fresh = None
-        self._cache.pop("augmented", None)
+        for key in self._FRESH_KEYS:
+            self._cache.pop(key, None)
 
     def keep_average(self) -> None:
         """No data on this refresh: the averages stand in for the fresh factors."""
         self.A_fresh, self.G_fresh = self.A_bar, self.G_bar
+        self._cache.pop("refresh-operands", None)
 
     def cached(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()`` computed once per decomposition (a few keys at most are kept)."""
@@ -319,23 +323,24 @@ class KroneckerFactors:
         check_residual(rel, self.name)
         return self.unrotate(X.to(dt))
 
-    def _fresh_compressed(self) -> tuple[Compressed, Compressed]:
-        """The fresh factors truncated in the averages' kept bases, in float64 (once per
-        refresh: one product of ``O(n² r)`` per factor)."""
-        def make() -> tuple[Compressed, Compressed]:
-            G, A = (sp.double() for sp in self.spectra())
-            return compress(self.G_fresh.double(), G), compress(self.A_fresh.double(), A)
+    def _refresh_operands(self) -> tuple[Spectrum, Spectrum, Spectrum, Spectrum]:
+        """``(Γ̄_r, Ā_r, Γ_r, A_r)`` in float64, the fresh factors truncated in the averages'
+        kept bases (:func:`~kldwrm.curvature.kronecker.lowrank.compress`; once per refresh,
+        one product of ``O(n² r)`` per factor)."""
+        def make() -> tuple[Spectrum, Spectrum, Spectrum, Spectrum]:
+            G, A = (sp.to(torch.float64) for sp in self.spectra())
+            return G, A, compress(self.G_fresh.double(), G), compress(self.A_fresh.double(), A)
 
-        return self.cached("fresh-compressed", make)
+        return self.cached("refresh-operands", make)
 
     def _solve_low_rank(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
-        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI`` (:func:`~kldwrm.curvature.lowrank.refresh_solve`):
-        closed form but for the ``r × r`` core, solved to ``EXACT_SOLVE_RTOL``. In float64
-        (four products of ``O(out · in · r)``, once per refresh), so that the residual bound
-        holds for float32 factors too: the result is rounded to ``V``'s dtype only at the end.
+        """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI``
+        (:func:`~kldwrm.curvature.kronecker.lowrank.refresh_solve`): closed form but for the
+        ``r × r`` core, solved to ``EXACT_SOLVE_RTOL``. In float64 (four products of
+        ``O(out · in · r)``, once per refresh), so that the residual bound holds for float32
+        factors too: the result is rounded to ``V``'s dtype only at the end.
         """
-        G, A = (sp.double() for sp in self.spectra())
-        X, rel = refresh_solve(V.double(), G, A, *self._fresh_compressed(), e, f, damping)
+        X, rel = refresh_solve(V.double(), *self._refresh_operands(), e, f, damping)
         self.last_residual = rel
         check_residual(rel, self.name)
         return X.to(V.dtype)
@@ -348,7 +353,7 @@ class KroneckerFactors:
                 G, A = self.spectra()
                 out = out.add_(G.left(A.right(V)), alpha=ea_scale)
             if fresh_scale != 0.0:
-                G, A = (c.to(V.dtype) for c in self._fresh_compressed())
+                G, A = (sp.to(V.dtype) for sp in self._refresh_operands()[2:])
                 out = out.add_(G.left(A.right(V)), alpha=fresh_scale)
             return out
         if ea_scale == 0.0:  # fresh term only (QE's B_k on refresh steps)

@@ -40,9 +40,10 @@ EXACT_SOLVE_RTOL = 1e-6
 
 @dataclass(frozen=True)
 class Spectrum:
-    """``U diag(vals) Uᵀ + tail (I − U Uᵀ)``: kept eigenpairs and the discarded spectrum's
-    constant (``tail = 0`` and ``U`` square when nothing is discarded; ``U = None`` for a
-    diagonal factor, a vector ``vals``)."""
+    """``U V Uᵀ + tail (I − U Uᵀ)`` with ``U`` orthonormal (``n × r``): ``vals`` either the
+    kept eigenvalues (a vector: ``V = diag(vals)``, a factor's own truncation) or an
+    ``r × r`` core (another factor's basis, :func:`compress`). ``tail = 0`` and ``U`` square
+    when nothing is discarded; ``U = None`` for a diagonal factor, a vector ``vals``."""
 
     vals: Tensor
     vecs: Tensor | None
@@ -53,65 +54,39 @@ class Spectrum:
         return self.vecs is None or self.vecs.shape[1] == self.vecs.shape[0]
 
     def right(self, V: Tensor) -> Tensor:
-        """``V · S``: ``tail·V + (V U)(diag(vals) − tail) Uᵀ`` (two products of ``O(n² r)``,
+        """``V · S``: ``tail·V + (V U)(core − tail I) Uᵀ`` (two products of ``O(n² r)``,
         the sum fused into the second); ``V · diag(vals)`` for a diagonal factor."""
         if self.vecs is None:
             return V * self.vals
-        VU = (V @ self.vecs).mul_(self.vals - self.tail)
+        VU = V @ self.vecs
+        VU = VU.mul_(self.vals - self.tail) if self.vals.dim() == 1 else \
+            torch.addmm(VU, VU, self.vals, beta=-float(self.tail))
         if self.full:
             return VU @ self.vecs.T
         return torch.addmm(V, VU, self.vecs.T, beta=float(self.tail))
 
     def left(self, V: Tensor) -> Tensor:
-        """``S · V``."""
-        return self.right(V.T).T
-
-    def double(self) -> Spectrum:
-        return Spectrum(self.vals.double(), None if self.vecs is None else self.vecs.double(),
-                        self.tail.double())
-
-
-@dataclass(frozen=True)
-class Compressed:
-    """``U core Uᵀ + tail (I − U Uᵀ)`` with ``U`` another factor's kept basis (:func:`compress`);
-    ``core`` is ``r × r``, or a vector for a diagonal factor (``U = None``)."""
-
-    core: Tensor
-    vecs: Tensor | None
-    tail: Tensor
-
-    def right(self, V: Tensor) -> Tensor:
-        """``V · S``: ``tail·V + (V U)(core − tail I) Uᵀ``, two products of ``O(n² r)``."""
-        if self.vecs is None:
-            return V * self.core
-        VU = V @ self.vecs
-        VU = VU @ self.core - VU * self.tail
-        full = self.vecs.shape[0] == self.vecs.shape[1]
-        return VU @ self.vecs.T if full else torch.addmm(V, VU, self.vecs.T,
-                                                          beta=float(self.tail))
-
-    def left(self, V: Tensor) -> Tensor:
         """``S · V`` (``S`` is symmetric)."""
         return self.right(V.T).T
 
-    def to(self, dtype: torch.dtype) -> Compressed:
-        return Compressed(self.core.to(dtype),
-                          None if self.vecs is None else self.vecs.to(dtype), self.tail.to(dtype))
+    def to(self, dtype: torch.dtype) -> Spectrum:
+        return Spectrum(self.vals.to(dtype), None if self.vecs is None else self.vecs.to(dtype),
+                        self.tail.to(dtype))
 
 
-def compress(mat: Tensor, basis: Spectrum) -> Compressed:
-    """``mat`` truncated in ``basis``'s kept eigenvectors ``U``: ``M = Uᵀ mat U`` and the
-    complement's mean diagonal ``(tr mat − tr M) / (n − r)`` (0 when ``U`` is complete).
-    One product of ``O(n² r)``; a diagonal factor (a vector) is its own compression."""
+def compress(mat: Tensor, basis: Spectrum) -> Spectrum:
+    """``mat`` truncated in ``basis``'s kept eigenvectors ``U``: the core ``M = Uᵀ mat U``
+    and the complement's mean diagonal ``(tr mat − tr M) / (n − r)`` (0 when ``U`` is
+    complete). One product of ``O(n² r)``; a diagonal factor (a vector) is its own."""
     if basis.vecs is None:
-        return Compressed(mat, None, mat.new_zeros(()))
+        return Spectrum(mat, None, mat.new_zeros(()))
     U = basis.vecs
     core = U.T @ (mat @ U)
     core = (core + core.T) * 0.5
     n, r = U.shape
     tail = ((torch.trace(mat) - torch.trace(core)) / (n - r)).clamp_min(0.0) if n > r \
         else mat.new_zeros(())
-    return Compressed(core, U, tail)
+    return Spectrum(core, U, tail)
 
 
 def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: float) -> Tensor:
@@ -163,25 +138,25 @@ def _times_t(X: Tensor, U: Tensor | None) -> Tensor:
     return X if U is None else X @ U.T
 
 
-def _side_inverse(sp: Spectrum, fr: Compressed, other_tail: Tensor,
+def _side_inverse(sp: Spectrum, fr: Spectrum, other_tail: Tensor,
                   other_fresh_tail: Tensor, e: float, f: float, damping: float) -> Tensor:
     """``(e·c'·diag(vals) + f·c'_f·core + γI)^{-1}``: the system on kept ⊗ (the other
     side's complement), where the other factor acts as its tails ``c'`` and ``c'_f``;
     a vector for a diagonal factor. Inverted in float64 (it is ``r × r``)."""
     diag = sp.vals.double() * (e * float(other_tail)) + damping
-    if fr.core.dim() == 1:
-        return (1.0 / (diag + f * float(other_fresh_tail) * fr.core.double())).to(sp.vals.dtype)
-    N = fr.core.double() * (f * float(other_fresh_tail))
+    if fr.vals.dim() == 1:
+        return (1.0 / (diag + f * float(other_fresh_tail) * fr.vals.double())).to(sp.vals.dtype)
+    N = fr.vals.double() * (f * float(other_fresh_tail))
     N.diagonal().add_(diag)
     return torch.linalg.inv(N).to(sp.vals.dtype)
 
 
-def _core_solve(Vc: Tensor, G: Spectrum, A: Spectrum, Gf: Compressed, Af: Compressed,
+def _core_solve(Vc: Tensor, G: Spectrum, A: Spectrum, Gf: Spectrum, Af: Spectrum,
                 e: float, f: float, damping: float, rtol: float) -> tuple[Tensor, float]:
     """``e·diag(g) X diag(a) + f·M_Γ X M_A + γX = V_c`` by CG in float64, Jacobi-
     preconditioned (the first and last terms are diagonal)."""
     grid = torch.outer(G.vals.double(), A.vals.double()).mul_(e).add_(damping)
-    MG, MA = Gf.core.double(), Af.core.double()
+    MG, MA = Gf.vals.double(), Af.vals.double()
 
     def op(X: Tensor) -> Tensor:
         GX = MG @ X
@@ -193,7 +168,7 @@ def _core_solve(Vc: Tensor, G: Spectrum, A: Spectrum, Gf: Compressed, Af: Compre
     return X.to(Vc.dtype), rel
 
 
-def refresh_solve(V: Tensor, G: Spectrum, A: Spectrum, Gf: Compressed, Af: Compressed,
+def refresh_solve(V: Tensor, G: Spectrum, A: Spectrum, Gf: Spectrum, Af: Spectrum,
                   e: float, f: float, damping: float, rtol: float = EXACT_SOLVE_RTOL
                   ) -> tuple[Tensor, float]:
     """``(e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI)^{-1} vec(V)``, the fresh factors compressed onto the
@@ -239,7 +214,7 @@ def refresh_solve(V: Tensor, G: Spectrum, A: Spectrum, Gf: Compressed, Af: Compr
     return (UG @ T1 if out is None else out.addmm_(UG, T1)), rel
 
 
-def refresh_operator(G: Spectrum, A: Spectrum, Gf: Compressed, Af: Compressed, e: float,
+def refresh_operator(G: Spectrum, A: Spectrum, Gf: Spectrum, Af: Spectrum, e: float,
                      f: float, damping: float) -> Callable[[Tensor], Tensor]:
     """``X ↦ e Γ̄_r X Ā_r + f Γ_r X A_r + γ X``: the operator :func:`refresh_solve` inverts."""
     def op(X: Tensor) -> Tensor:
