@@ -195,6 +195,14 @@ class FactoredBlock(Block):
     def _from_mat(self, mat: Tensor) -> list[Tensor]:
         """Inverse of :meth:`_to_mat`."""
 
+    def _columns(self, vecs: Sequence[Tensor]) -> list[Tensor]:
+        """``V`` as column blocks (:meth:`_to_mat` without joining them): one by default."""
+        return [self._to_mat(vecs)]
+
+    def _from_columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """Inverse of :meth:`_columns`."""
+        return self._from_mat(parts[0])
+
     def _has_data(self, capture) -> bool:
         """Whether this step's capture holds both inputs and output gradients of the layer."""
         return bool(capture.inputs.get(self.module)) and bool(capture.deltas.get(self.module))
@@ -306,6 +314,8 @@ class FactoredBlock(Block):
         if self.moments is not None:  # every system is diagonal in the eigenbasis
             D = self.moments.diag(ea_scale, fresh_scale, damping)
             return self._from_mat(f.unrotate(self._rotated(vecs) / D))
+        if fresh_scale == 0.0 and not self.exact:  # truncated factors (rank), eq. 19
+            return self._from_columns(f.solve_columns(self._columns(vecs), damping, ea_scale))
         V = self._to_mat(vecs)
         if fresh_scale == 0.0 and self.exact:  # exact in the eigenbasis (eq. 19)
             return self._from_mat(f.unrotate(f.rotate(V) / self._grid(ea_scale, damping)[0]))
@@ -496,6 +506,14 @@ class KroneckerBlock(FactoredBlock):
         if self.has_bias:
             return [mat[:, :-1].reshape(w.shape), mat[:, -1].contiguous()]
         return [mat.reshape(w.shape)]
+
+    def _columns(self, vecs: Sequence[Tensor]) -> list[Tensor]:
+        w = vecs[0].reshape(vecs[0].shape[0], -1)
+        return [w, vecs[1].unsqueeze(1)] if self.has_bias else [w]
+
+    def _from_columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        shape = self.params[0].shape
+        return [parts[0].reshape(shape)] + ([parts[1].squeeze(1)] if self.has_bias else [])
 
 
 class BiasBlock(FactoredBlock):

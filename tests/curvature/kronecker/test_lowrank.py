@@ -17,6 +17,7 @@ from kldwrm.curvature.kronecker.lowrank import (
     Spectrum,
     compress,
     low_rank_inverse,
+    low_rank_inverse_columns,
     refresh_operator,
     refresh_solve,
 )
@@ -122,3 +123,35 @@ def test_compression_is_the_closest_matrix_of_its_form_and_keeps_the_trace():
         dM = 1e-3 * torch.randn(4, 4, generator=gen)
         other = _dense(C.vals + dM + dM.T, C.vecs, C.tail + 1e-3 * torch.randn((), generator=gen))
         assert float(torch.linalg.matrix_norm(F - other)) > err
+
+
+@pytest.mark.parametrize(("n_out", "n_in", "r_g", "r_a"), SHAPES)
+@pytest.mark.parametrize("widths", [(1,), (-1, 1), (3, -1, 2)])
+def test_the_column_block_inverse_equals_the_dense_solve(n_out, n_in, r_g, r_a, widths):
+    """``V`` given as column blocks (a layer's weight and bias columns): the blocks of
+    ``(e Ā_r⊗Γ̄_r + γI)^{-1} vec(V)`` from the dense float64 solve, each contiguous."""
+    gen = torch.Generator().manual_seed(n_out * 7 + n_in)
+    G, A = _truncated(_spd(n_out, gen), r_g), _truncated(_spd(n_in, gen), r_a)
+    e, damping = 1.2, 1e-2
+    V = torch.randn(n_out, n_in, generator=gen)
+    sizes = [n_in - sum(w for w in widths if w > 0) if w < 0 else w for w in widths]
+    if len(widths) == 1:
+        sizes = [n_in]
+    parts = [p.contiguous() for p in V.split(sizes, dim=1)]
+    M = e * torch.kron(_dense(A.vals, A.vecs, A.tail), _dense(G.vals, G.vecs, G.tail)) \
+        + damping * torch.eye(n_out * n_in)
+    expected = torch.linalg.solve(M, V.T.reshape(-1)).reshape(n_in, n_out).T
+    out = low_rank_inverse_columns(parts, G, A, e, damping)
+    assert [o.shape for o in out] == [p.shape for p in parts]
+    assert all(o.is_contiguous() for o in out)
+    torch.testing.assert_close(torch.cat(out, dim=1), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(low_rank_inverse(V, G, A, e, damping), expected,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_diagonal_input_factor_takes_one_column_block():
+    gen = torch.Generator().manual_seed(5)
+    G = _truncated(_spd(6, gen), 3)
+    A = Spectrum(torch.rand(4, generator=gen), None, torch.zeros(()))
+    with pytest.raises(ValueError, match="one column block"):
+        low_rank_inverse_columns([torch.randn(6, 2), torch.randn(6, 2)], G, A, 1.0, 0.1)

@@ -51,6 +51,7 @@ from .lowrank import (
     check_residual,
     compress,
     low_rank_inverse,
+    low_rank_inverse_columns,
     refresh_solve,
 )
 from .randomized import discarded_trace_mean, randomized_eigh
@@ -276,6 +277,14 @@ class KroneckerFactors:
         if not self.exact:
             return self._solve_low_rank(V, damping, ea_scale, fresh_scale)
         return self._solve_cg(V, damping, ea_scale, fresh_scale)
+
+    def solve_columns(self, parts: Sequence[Tensor], damping: float, ea_scale: float
+                      ) -> list[Tensor]:
+        """``(e Ā_r⊗Γ̄_r + γI)^{-1} vec(V)`` for a truncated pair, ``V`` and the result as
+        column blocks (:func:`~kldwrm.curvature.kronecker.lowrank.low_rank_inverse_columns`)."""
+        if self.exact:
+            raise RuntimeError(f"{self.name!r} keeps complete eigenbases: use solve()")
+        return low_rank_inverse_columns(parts, *self.spectra(), ea_scale, damping)
 
     def _solve_augmented(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
         """The released code's ``(eĀ + fA) ⊗ (Γ̄ + fΓ) + γI`` (not the exact Kronecker sum)."""

@@ -26,7 +26,7 @@ and the solve is the exact one. See ``docs/theory.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,17 +103,39 @@ def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: flo
     Four products of ``O(out · in · r)``; a diagonal input factor (its basis the identity)
     needs two.
     """
+    return low_rank_inverse_columns([V], G, A, e, damping)[0]
+
+
+def _diagonal_input_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float,
+                            damping: float) -> Tensor:
+    """:func:`low_rank_inverse` for a diagonal input factor (``A.vecs = None``)."""
     s11 = 1.0 / (torch.outer(G.vals, A.vals) * e + damping)
+    X = G.vecs.T @ V
+    if G.full:
+        return G.vecs @ (X * s11)
+    s21 = 1.0 / (A.vals * (e * G.tail) + damping)
+    return torch.addmm(V * s21, G.vecs, X * (s11 - s21))
+
+
+def low_rank_inverse_columns(parts: Sequence[Tensor], G: Spectrum, A: Spectrum, e: float,
+                             damping: float) -> list[Tensor]:
+    """:func:`low_rank_inverse` of ``V = [V_1 | V_2 | ...]`` given as its column blocks,
+    returned as the result's column blocks of the same widths (a layer's weight and bias
+    columns: no concatenation going in, and contiguous results coming out). The input
+    side's basis splits by rows alike, ``V U_A = Σ_j V_j U_A[j]``; one block is
+    :func:`low_rank_inverse` itself."""
     if A.vecs is None:
-        X = G.vecs.T @ V
-        if G.full:
-            return G.vecs @ (X * s11)
-        s21 = 1.0 / (A.vals * (e * G.tail) + damping)
-        return torch.addmm(V * s21, G.vecs, X * (s11 - s21))
+        if len(parts) != 1:
+            raise ValueError("a diagonal input factor takes one column block")
+        return [_diagonal_input_inverse(parts[0], G, A, e, damping)]
+    s11 = 1.0 / (torch.outer(G.vals, A.vals) * e + damping)
     s12 = None if A.full else 1.0 / (G.vals * (e * A.tail) + damping)
     s21 = None if G.full else 1.0 / (A.vals * (e * G.tail) + damping)
     s22 = None if A.full or G.full else 1.0 / (e * G.tail * A.tail + damping)
-    VA = V @ A.vecs
+    rows = A.vecs.split([Vj.shape[1] for Vj in parts])
+    VA = parts[0] @ rows[0]
+    for Vj, Uj in zip(parts[1:], rows[1:], strict=True):
+        VA.addmm_(Vj, Uj)
     X = G.vecs.T @ VA
     w = s11
     if s12 is not None:
@@ -125,12 +147,15 @@ def low_rank_inverse(V: Tensor, G: Spectrum, A: Spectrum, e: float, damping: flo
     right = G.vecs @ (X * w)  # (out, r_A)
     if s21 is not None:
         right.add_(VA * (s21 if s22 is None else s21 - s22)[None, :])
-    # the full-size terms are summed inside the products (addmm), with no temporaries
-    out = right @ A.vecs.T if s22 is None else torch.addmm(V, right, A.vecs.T, beta=float(s22))
-    if s12 is not None:
-        left = (G.vecs.T @ V).mul_((s12 if s22 is None else s12 - s22)[:, None])
-        out.addmm_(G.vecs, left)
-    return out
+    outs = []
+    for Vj, Uj in zip(parts, rows, strict=True):
+        # the full-size terms are summed inside the products (addmm), with no temporaries
+        out = right @ Uj.T if s22 is None else torch.addmm(Vj, right, Uj.T, beta=float(s22))
+        if s12 is not None:
+            left = (G.vecs.T @ Vj).mul_((s12 if s22 is None else s12 - s22)[:, None])
+            out.addmm_(G.vecs, left)
+        outs.append(out)
+    return outs
 
 
 def _times_t(X: Tensor, U: Tensor | None) -> Tensor:
