@@ -92,7 +92,9 @@ class QKLDWRM(CurvatureOptimizer):
         coef = [self.rho * float(self.state[p]["prev_lr"]) / self._lr(i)  # ρ λ_k / λ_{k-1}
                 if "prev_lr" in self.state[p] else 0.0
                 for i, p in enumerate(self._params)]
-        out = list(torch._foreach_mul(wake, coef))
+        if not self._in_eigenbasis():  # rank: one pass per tensor (off the paper's path)
+            return [gi.add(w, alpha=c) for gi, w, c in zip(g, wake, coef, strict=True)]
+        out = list(torch._foreach_mul(wake, coef))  # two passes: the paper steps' rounding
         torch._foreach_add_(out, g)
         return out
 
@@ -181,18 +183,19 @@ class QKLDWRM(CurvatureOptimizer):
         whose tensors were scaled by different factors (the block clip) takes the product."""
         f = self._step_factors
         scales = self._system(False)
-        wake = []
+        mixed = self._mixed_blocks()
+        fs = self.engine.matvec(steps, self._scales(), blocks=mixed) if mixed else {}
+        # computed first: the loop below reuses ĝ's storage (it is not needed after the step)
+        wake = {i: ghat[i] - g[i] + fs[i] / lrs[i]
+                for bi in mixed for i in self.engine.slots[bi]}
         for i, (gi, hi, di) in enumerate(zip(g, ghat, d, strict=True)):
+            if i in wake:
+                continue
             e, _, damping = scales[self._group_of[i]]
-            w = hi.mul(1.0 + f[i] / (e * lrs[i]))
-            wake.append(w.add_(di, alpha=f[i] * damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi))
-
-        def exact(blocks):
-            fs = self.engine.matvec(steps, self._scales(), blocks=blocks)
-            return {i: ghat[i] - g[i] + fs[i] / lrs[i]
-                    for bi in blocks for i in self.engine.slots[bi]}
-
-        return self._mixed_blocks_from(wake, exact)
+            a = 1.0 + f[i] / (e * lrs[i])
+            w = hi.mul(a) if hi is gi else hi.mul_(a)
+            wake[i] = w.add_(di, alpha=f[i] * damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi)
+        return [wake[i] for i in range(len(g))]
 
     def _steps_in_eigenbasis(self, steps, x_t):
         """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
@@ -207,13 +210,16 @@ class QKLDWRM(CurvatureOptimizer):
         return self._mixed_blocks_from(
             out, lambda blocks: self.engine.to_eigenbasis(steps, blocks=blocks))
 
+    def _mixed_blocks(self) -> list[int]:
+        """The blocks whose tensors took different step factors (the block clip)."""
+        f = self._step_factors
+        return [bi for bi, slot in enumerate(self.engine.slots) if len({f[i] for i in slot}) > 1]
+
     def _mixed_blocks_from(self, out, exact):
         """``out`` with the tensors of each block whose tensors took different step factors
         (the block clip scaled weight and bias differently) replaced by ``exact(blocks)``,
         which computes those blocks without the shortcut."""
-        f = self._step_factors
-        mixed = [bi for bi, slot in enumerate(self.engine.slots)
-                 if len({f[i] for i in slot}) > 1]
+        mixed = self._mixed_blocks()
         if mixed:
             full = exact(mixed)
             for bi in mixed:
