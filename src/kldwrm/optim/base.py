@@ -600,7 +600,9 @@ class CurvatureOptimizer(Persistent, Optimizer):
         self.last_kl_scale = nu
         #: per-tensor factor of the last step, ``s_i = factor_i · d_i``
         self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
-        self._clipped = torch._foreach_mul(list(d), self._step_factors)
+        # one scalar when the factors are alike: no per-tensor scalar-to-tensor conversions
+        f = self._step_factors  # (never empty: a model without parameters is refused)
+        self._clipped = torch._foreach_mul(list(d), f[0] if len(set(f)) == 1 else f)
         return self._clipped
 
     def _with_momentum(self, steps: list[Tensor]) -> list[Tensor]:
