@@ -146,11 +146,13 @@ target has its CPU row (2 threads), measured or not, and one more per other devi
 
 ### Q with a rank (issue 25)
 
-Run 18 (quiet machine, nothing else running): `kfac-r128` 2.26x, `so-r128` 2.35x,
-`q-r128` 2.76x SGD; two more runs of the same command right after it (not stored): 2.29x /
-2.39x / 2.79x and 2.22x / 2.33x / 2.79x. Target 2.4x: met for K-FAC, met by a hair for SO
-(2.33-2.39x in the three runs: within this machine's noise of the line), missed for Q.
-Before this issue's changes, the same command the same day (not stored): 2.24x, 2.41x and
+Run 19 (quiet machine, nothing else running): `kfac-r128` 2.15x, `so-r128` 2.30x,
+`q-r128` 2.56x SGD; two more runs of the same command right after it (not stored;
+`python -m benchmarks.step_time --workload mlp --update-freq 30 --methods
+sgd,kfac-r128,so-r128,q-r128 --steps 210`): 2.14x / 2.24x / 2.53x and 2.14x / 2.29x /
+2.59x. Target 2.4x: met for K-FAC and SO, missed for Q (2.53-2.59x). Run 18, the same
+morning, before the column blocks and Q's one-pass `ĝ`: 2.26x / 2.35x / 2.76x; before any
+of this issue's changes, the same command the day before (not stored): 2.24x, 2.41x and
 3.59x. Measured by
 
 ```
@@ -158,30 +160,36 @@ python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 \\
     --methods sgd,kfac-r128,so-r128,q-r128
 ```
 
+- **Column blocks (run 19, every rule with a rank).** A layer's weight and bias were
+  joined into one `out × (in + 1)` matrix for the solve (`torch.cat`, a copy of the
+  gradient) and the result split back into views, so that the weight came out
+  non-contiguous and the KL clip's dot products, the norms and the update copied it again.
+  The rank path's solve now takes the weight and the bias column as two blocks
+  (`V U_A = W U_A[:in] + b U_A[in]`, `low_rank_inverse_columns`) and writes each result
+  contiguous. With a rank, Q's `ĝ` is one pass per tensor and the wake is built in `ĝ`'s
+  storage (the paper path keeps its two-pass rounding: its steps are hash-identical).
 - **What changed.** Q's refresh system `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` now truncates the
   fresh factors in the averages' kept bases (`U (UᵀAU) Uᵀ + c (I − UUᵀ)`, the closest
   matrix of that form), which makes the system separable into four invariant parts: three
   in closed form and an `r × r` core solved by CG (docs/theory.md section 7). No randomized
   decomposition of the fresh factors and no CG over the whole block remain. Between
   refreshes the wake is one combination of `ĝ`, the direction and `g` (three passes over
-  the parameters instead of six; one-pass forms of `ĝ` and of SO's `g − ρ g_prev` were
-  tried and dropped, since they change the last bit of the paper-settings steps). The
+  the parameters instead of six; one-pass forms of `ĝ` and of SO's `g − ρ g_prev` change
+  the last bit of the paper-settings steps, so only the rank path uses the one-pass `ĝ`). The
   randomized eigensolver (every rule's refresh) ran its products on one thread, like its
   QRs; the products now use every thread (a warm rank-128 decomposition of a 1025 × 1025
   factor: 8.9-10.2 ms before, 6.7 ms after).
-- **Where Q's time goes now** (one refresh and 29 ordinary steps timed in a plain loop,
-  synthetic batch, 2 threads): a refresh step 127 ms (282 ms before; K-FAC's 83 ms): the
-  averages' decompositions 48 ms (as K-FAC's; 39 ms after the threading change), the
-  compressions of the fresh factors 15 ms, the solve 34 ms (float64, so that the 1e-6
-  residual holds for float32 factors), the wake's product `(F̄ + γI) s` 17 ms, the
-  sampled-label backward 9 ms. An ordinary step 23.8 ms against K-FAC's 19.2 ms: the solve
-  is the same (four products of `out · in · 128` per block, ~7.6 ms), the wake and `ĝ` ~2
-  ms, the rest the rule's bookkeeping. So Q pays ~2 ms a step for its recursion and ~1.5 ms
-  a step for its refresh over K-FAC, which is itself at 2.2x: the target leaves Q ~0.2x over
-  K-FAC.
-- **What would close it:** the refresh solve and the compressions in float32 with one
-  float64 refinement (~15 ms), a wake product on refresh steps from the solve's own
-  projections, and fusing `ĝ` into the solve's first product.
+- **Where Q's time goes now** (run 19's rows: median against mean step): an ordinary
+  step 24.6 ms against K-FAC's 22.0 ms, ~2.6 ms for `ĝ`, the wake and the block clip's
+  norms, each a pass over the 1.9M parameters; the refresh ~58 ms more than K-FAC's
+  (profiled in a plain loop before run 19: the compressions of the fresh factors 15 ms,
+  the float64 solve 34 ms, the wake's product `(F̄ + γI) s` 17 ms). Q is ~0.4x over K-FAC,
+  which itself is at 2.15x: the target needs ~0.15x more.
+- **What would close it:** the refresh solve's `O(out · in · r)` products and the
+  compressions in float32 with only the `r × r` core in float64 (the residual guarantee
+  of `tests/curvature/kronecker/test_low_rank.py` would then need a float32 rounding
+  bound, not measured here), and a wake product on refresh steps from the solve's own
+  projections.
 - **Accuracy against rank, Q** (MNIST MLP, batch 256, 2 epochs, seed 0, paper settings;
   `python -m benchmarks.rank_tradeoff --optimizer q --ranks 32,64,128 --epochs 2`, output
   in `docs/results/rank_tradeoff_q_2epochs_seed0.txt`): exact Q 97.49% in 39.8 s; rank 32
@@ -231,6 +239,15 @@ study paused, load average ~2 from the benchmark itself).
   The operator-level breakdown (issue 25: `python -m benchmarks.profile_step --workload
   cnn --method kfac`) is in `docs/results/profile_cnn.md`: ~70 small operators and ~0.5 ms
   of Python per ordinary step, and 47 Gram `addmm_` (~10 ms) per refresh.
+  Run 20 (after issue 25's changes; the step's clipped update now takes one scalar where
+  the factors are alike): 1.13x / 1.13x / 1.17x, the same as run 9 within this machine's
+  noise. What the breakdown leaves: the refresh's Gram products run at ~140 GFLOP/s
+  (0.72 GMAC in 10 ms, about the two cores' peak), so with the sampled-label backward
+  (~5 ms) and the eight `eigh` (~1.5 ms) an exact refresh costs at least ~17 ms, 0.56 ms
+  a step at N_u 30, 3.5% of SGD's ~16 ms step; 1.05x then leaves ~0.25 ms a step for
+  the rule, whose eager operators cost ~1 ms (one fused `_foreach_norm` finite check
+  measured only ~20 µs faster than the per-tensor sums, so it was not adopted). 1.05x on this CPU needs the step's operators compiled
+  or fused into far fewer kernels, not trimmed one by one.
 - **Residual CNN: missed (1.06x, 1.08x, 1.08x).** Between refreshes the K-FAC step costs
   what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
   ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
