@@ -246,8 +246,9 @@ study paused, load average ~2 from the benchmark itself).
   (~5 ms) and the eight `eigh` (~1.5 ms) an exact refresh costs at least ~17 ms, 0.56 ms
   a step at N_u 30, 3.5% of SGD's ~16 ms step; 1.05x then leaves ~0.25 ms a step for
   the rule, whose eager operators cost ~1 ms (one fused `_foreach_norm` finite check
-  measured only ~20 µs faster than the per-tensor sums, so it was not adopted). 1.05x on this CPU needs the step's operators compiled
-  or fused into far fewer kernels, not trimmed one by one.
+  measured only ~20 µs faster than the per-tensor sums, so it was not adopted). 1.05x
+  on this CPU needs the step's operators compiled or fused into far fewer kernels, not
+  trimmed one by one.
 - **Residual CNN: missed (1.06x, 1.08x, 1.08x).** Between refreshes the K-FAC step costs
   what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
   ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
@@ -351,6 +352,18 @@ level not reached within the epochs run by half the seeds or more is "not reache
 over 240 steps after one warm-up round. Target: <= 1.10x.
 
 {issue2}
+
+## Character-level transformer (issue 22)
+
+Its own page, `docs/lm_benchmark.md` (tables for both sizes at 600 and 2000 steps, three
+seeds, SOAP and kfac-pytorch from their released code beside AdamW and SGD, the plot
+against steps and against training time), rendered by `python -m benchmarks.lm
+--from-json ... --page docs/lm_benchmark.md` from `docs/results/lm_*.json`. In short
+(validation nats per character, mean of seeds 0/1/2): default size, 600 steps, SO 1.354,
+SOAP 1.369, K-FAC 1.391, Q 1.421, AdamW 1.564; larger size (d_model 128, 4 blocks), 600
+steps, SO 1.311, SOAP 1.315, K-FAC 1.337, Q 1.397, AdamW 1.694. At 2000 steps the larger
+model overfits the 177k-character text under every fast optimizer (the page's `best (step)`
+column).
 
 ## GPU
 
