@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from kldwrm import KFAC, QKLDWRM, SOKLDWRM, reference
-from kldwrm.curvature.blocks import KroneckerBlock
+from kldwrm.curvature.layer import KroneckerBlock
 from kldwrm.experiments.data.models import paper_cnn
 
 from ..conftest import train_epoch

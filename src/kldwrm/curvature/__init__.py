@@ -3,14 +3,7 @@
 The step rules in :mod:`kldwrm.optim` use only :class:`CurvatureEngine`.
 """
 
-from .blocks import (
-    BIAS_MODES,
-    BiasBlock,
-    Block,
-    FactoredBlock,
-    KroneckerBlock,
-    kronecker_supported,
-)
+from .blocks import Block, FactoredBlock
 from .capture import FISHER_TYPES, LIKELIHOODS, Capture
 from .dense import DenseBlock
 from .diagonal import DiagonalBlock
@@ -24,6 +17,7 @@ from .engine import (
     CurvatureEngine,
     unwrap,
 )
+from .layer import BIAS_MODES, BiasBlock, KroneckerBlock, kronecker_supported
 from .linalg import CurvatureError, sym_eig
 from .transposed import TransposedConvBlock
 

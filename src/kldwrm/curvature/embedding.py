@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import FactoredBlock, KroneckerBlock
+from .blocks import FactoredBlock
+from .layer import KroneckerBlock
 
 
 class EmbeddingBlock(KroneckerBlock):

@@ -22,19 +22,13 @@ from ..distributed import (
 )
 from ..distributed import rank as this_rank
 from . import sharding
-from .blocks import (
-    BiasBlock,
-    Block,
-    FactoredBlock,
-    KroneckerBlock,
-    _ConvTransposeNd,
-    kronecker_supported,
-)
+from .blocks import Block, FactoredBlock
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
 from .embedding import EmbeddingBlock, embedding_supported
 from .kronecker import CORRECTED, EigenMoments
+from .layer import BiasBlock, KroneckerBlock, _ConvTransposeNd, kronecker_supported
 from .linalg import all_finite
 from .transposed import TransposedConvBlock
 

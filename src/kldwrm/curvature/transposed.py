@@ -19,12 +19,12 @@ uncorrelated derivatives, spatial homogeneity; Grosse and Martens, 2016, section
 
 With an ``output_padding`` below the stride the patches are exactly one per input
 position (the window count of that unfold is the input size), which is why
-:func:`~kldwrm.curvature.blocks.kronecker_supported` requires it.
+:func:`~kldwrm.curvature.layer.kronecker_supported` requires it.
 
 The bias is not a homogeneous coordinate here: its gradient ``Σ_q δ_q`` counts each output
 position once, while ``Σ_p Σ_k u_p[o, k]`` counts it once per ``(p, k)`` that reaches it
 (``k`` times in the interior with stride 1), so no constant input row reproduces it.
-It always gets its own :class:`~kldwrm.curvature.blocks.BiasBlock`, the exact Fisher
+It always gets its own :class:`~kldwrm.curvature.layer.BiasBlock`, the exact Fisher
 block of the bias (``Γ`` of the per-example sums of ``δ``), whatever ``bias=`` says.
 """
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .blocks import KroneckerBlock
+from .layer import KroneckerBlock
 from .statistics import conv_column_blocks, gram
 
 

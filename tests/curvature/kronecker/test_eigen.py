@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kldwrm.curvature.blocks import KroneckerBlock
 from kldwrm.curvature.diagonal import DiagonalBlock
+from kldwrm.curvature.layer import KroneckerBlock
 from kldwrm.optim import KFAC, QKLDWRM, SOKLDWRM
 
 pytestmark = pytest.mark.usefixtures("float64")
