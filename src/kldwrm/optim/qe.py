@@ -13,7 +13,6 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,19 +22,9 @@ from torch.func import functional_call, vmap
 from .._validation import check_int_at_least, check_nonnegative, check_positive
 from ..curvature.capture import num_examples, select_output, widen
 from ..distributed import all_reduce_mean_
-from ..divergence import categorical_skl_of_log_probs, gaussian_skl_per_row
 from .q import QKLDWRM
 from .sharded_eval import gradient_at, parameters_at
-
-
-@dataclass
-class _Call:
-    """One recorded forward call of the user's model, and whether the user's backward has
-    reached its output yet."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    backpropagated: bool = False
+from .window import Call, KLGradient, Window, as_logits, wake_weights
 
 
 def _detach(x: Any) -> Any:
@@ -50,80 +39,6 @@ def _inside_functorch_transform() -> bool:
     """
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
-
-
-class _Window:
-    """The stored iterates' outputs on one recorded call, ready for the window's SKL.
-
-    ``Σ_j w_j SKL(θ_{k-j}, θ)`` averaged over every example (each leading position of a
-    ``(..., C)`` output, DESIGN section 1) is one broadcast expression over the stacked
-    window (the per-example formulas of :mod:`kldwrm.divergence`), so the stored side
-    (log-probabilities, or gaussian means) is computed once per step and each inner step
-    adds only the current network's log-softmax.
-    """
-
-    def __init__(self, stored: Tensor, weights: Sequence[float], likelihood: str) -> None:
-        w = len(weights)
-        stored = stored.reshape(w, -1, 1) if stored.dim() == 2 else stored.reshape(
-            w, -1, stored.shape[-1])
-        self.likelihood = likelihood
-        self.weights = stored.new_tensor(weights)
-        self.stored = torch.log_softmax(stored, dim=-1) if likelihood == "categorical" else stored
-
-    def skl(self, current: Tensor) -> Tensor:
-        """``Σ_j w_j SKL(θ_{k-j}, current)``, each SKL averaged over the examples (eqs. 2, 4;
-        for unit-variance gaussians ``½‖h_j − h‖²``, eqs. 33-34)."""
-        current = current.reshape(1, -1, 1) if current.dim() == 1 else current.reshape(
-            1, -1, current.shape[-1])
-        if self.likelihood == "categorical":
-            per = categorical_skl_of_log_probs(self.stored, torch.log_softmax(current, dim=-1))
-        else:
-            per = gaussian_skl_per_row(self.stored, current)
-        return per.mean(dim=1) @ self.weights
-
-
-def _logits(out: Any) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(
-            "QEKLDWRM needs the logits (or means) as a tensor: the model returned "
-            f"{type(out).__name__}; pass output=... (an index, a key or a callable)"
-        )
-    return out
-
-
-class _KLGradient(nn.Module):
-    """The window's SKL on the recorded calls, backpropagated inside the forward pass.
-
-    Called through ``functional_call`` with ``θ_k + s`` as the wrapped network's
-    parameters, so the backward pass (and any checkpointed segment it recomputes) runs
-    while they are in place; the gradients land in the leaves passed for them.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def total(self, calls: Sequence[_Call], targets: Sequence[_Window],
-              call_w: Sequence[float], output: Any) -> Tensor:
-        """The calls' window SKL terms, weighted by their shares of the examples."""
-        return sum(window.skl(_logits(select_output(self.net(*c.args, **c.kwargs), output)))
-                   * w for c, window, w in zip(calls, targets, call_w, strict=True))
-
-    def forward(self, calls: Sequence[_Call], targets: Sequence[_Window],
-                call_w: Sequence[float], output: Any) -> None:
-        self.total(calls, targets, call_w, output).backward()
-
-
-def wake_weights(rho: float, window: int) -> list[float]:
-    """The window weights ``w_j``, ``j = 0`` the current iterate, ``j = W-1`` the oldest.
-
-    ``w_j = (1-ρ) ρ^j`` for ``j < W-1`` and ``w_{W-1} = ρ^{W-1}``: the released code's
-    nested average. They sum to 1, the oldest stored iterate absorbing the tail of the wake
-    as ``κ(0)`` does in eq. 18.
-    """
-    w = [(1.0 - rho) * rho**j for j in range(window - 1)]
-    w.append(rho ** (window - 1))
-    return w
 
 
 class QEKLDWRM(QKLDWRM):
@@ -241,13 +156,13 @@ class QEKLDWRM(QKLDWRM):
         self._names: list[str] = [names[id(p)] for p in self._params]
         #: iterates pushed into the window so far (the ring buffer's write position)
         self.iterates_stored = 0
-        self._calls: list[_Call] = []
-        self._watching: _Call | None = None  # the call recorded by the running forward
+        self._calls: list[Call] = []
+        self._watching: Call | None = None  # the call recorded by the running forward
         self._internal = False
         # one vmap over the stacked window on a GPU; on a CPU one forward per stored iterate
         # (the paper CNN, 4 iterates, batch 512: 63 ms in a loop against 114 ms vmapped)
         self._use_vmap = self._params[0].device.type == "cuda"
-        self._kl_module = _KLGradient(net)
+        self._kl_module = KLGradient(net)
         ref = weakref.ref(self)
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -271,7 +186,7 @@ class QEKLDWRM(QKLDWRM):
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._internal or not torch.is_grad_enabled() or _inside_functorch_transform():
             return
-        call = _Call(tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
+        call = Call(tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()})
         self._calls.append(call)
         self._watching = call
 
@@ -287,7 +202,7 @@ class QEKLDWRM(QKLDWRM):
         if isinstance(out, Tensor) and out.requires_grad:
             cap = self.engine.capture
 
-            def reached(grad: Tensor, c: _Call = call) -> None:
+            def reached(grad: Tensor, c: Call = call) -> None:
                 if not cap.in_sampled_backward:  # the user's backward, not the "mc" labels'
                     c.backpropagated = True
 
@@ -392,7 +307,7 @@ class QEKLDWRM(QKLDWRM):
             self._internal = False
 
     def _inner_solve(
-        self, g: list[Tensor], steps: list[Tensor], refresh: bool, calls: list[_Call]
+        self, g: list[Tensor], steps: list[Tensor], refresh: bool, calls: list[Call]
     ) -> list[Tensor]:
         """``inner_steps`` of SGD on ``m(s)`` from the Q step (eq. 31/35)."""
         params = [p.detach() for p in self._values()]
@@ -406,7 +321,7 @@ class QEKLDWRM(QKLDWRM):
             if use_kl:
                 rest = self._frozen_tensors()
                 stored, sizes = self._stored_outputs(calls, rest)
-                targets = [_Window(t, self._slot_weights(), self.likelihood) for t in stored]
+                targets = [Window(t, self._slot_weights(), self.likelihood) for t in stored]
                 total = float(sum(sizes))
                 call_w = [n / total for n in sizes]
             for _ in range(self.inner_steps):
@@ -465,13 +380,13 @@ class QEKLDWRM(QKLDWRM):
             rest[n] = b.clone() if training else b
         return rest
 
-    def _forward(self, pdict: dict[str, Tensor], rest: dict[str, Tensor], call: _Call) -> Tensor:
+    def _forward(self, pdict: dict[str, Tensor], rest: dict[str, Tensor], call: Call) -> Tensor:
         out = functional_call(self.engine.model, (pdict, rest), call.args, call.kwargs)
-        return _logits(select_output(out, self.output))
+        return as_logits(select_output(out, self.output))
 
     @torch.no_grad()
     def _stored_outputs(
-        self, calls: Sequence[_Call], rest: dict[str, Tensor]
+        self, calls: Sequence[Call], rest: dict[str, Tensor]
     ) -> tuple[list[Tensor], list[int]]:
         """Outputs of every stored iterate on every recorded call, shape ``(W, N, ...)``."""
         if self._sharded:
@@ -490,7 +405,7 @@ class QEKLDWRM(QKLDWRM):
                 outs.append(self._stored_call(call, stacked, rest))
         return outs, [num_examples(o[0]) for o in outs]
 
-    def _stored_outputs_sharded(self, calls: Sequence[_Call]
+    def _stored_outputs_sharded(self, calls: Sequence[Call]
                                 ) -> tuple[list[Tensor], list[int]]:
         """:meth:`_stored_outputs` of an FSDP2 model: each stored iterate written into the
         shards in turn (:mod:`.sharded_eval`), one forward per iterate and call."""
@@ -499,12 +414,12 @@ class QEKLDWRM(QKLDWRM):
             vals = [self.state[p]["qe_window"][slot] if "qe_window" in self.state[p] else v
                     for p, v in zip(self._params, self._values(), strict=True)]
             with parameters_at(net, self._params, vals):
-                per_slot.append([_logits(select_output(net(*c.args, **c.kwargs), self.output))
+                per_slot.append([as_logits(select_output(net(*c.args, **c.kwargs), self.output))
                                  for c in calls])
         outs = [torch.stack(o) for o in zip(*per_slot, strict=True)]
         return outs, [num_examples(o[0]) for o in outs]
 
-    def _stored_call(self, call: _Call, stacked: dict[str, Tensor],
+    def _stored_call(self, call: Call, stacked: dict[str, Tensor],
                      rest: dict[str, Tensor]) -> Tensor:
         """The stored iterates' outputs on one call, stacked (``vmap`` where it works)."""
         if self._use_vmap:
@@ -522,14 +437,14 @@ class QEKLDWRM(QKLDWRM):
         self,
         params: Sequence[Tensor],
         s: Sequence[Tensor],
-        calls: Sequence[_Call],
+        calls: Sequence[Call],
         rest: dict[str, Tensor],
-        targets: Sequence[_Window],
+        targets: Sequence[Window],
         call_w: Sequence[float],
     ) -> list[Tensor]:
         """``∇_s Σ_j w_j SKL(θ_{k-j}, θ_k + s)`` on this rank's batch (one fwd + bwd).
 
-        Forward and backward run inside one ``functional_call`` (of :class:`_KLGradient`),
+        Forward and backward run inside one ``functional_call`` (of :class:`KLGradient`),
         so that a backward pass recomputing checkpointed segments of the model
         (``torch.utils.checkpoint``) still sees ``θ_k + s``; a plain backward into fresh
         leaves, since ``torch.autograd.grad`` cannot cross a reentrant checkpoint.
