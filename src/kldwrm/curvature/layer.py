@@ -188,12 +188,16 @@ class KroneckerBlock(FactoredBlock):
         return [mat.reshape(w.shape)]
 
     def _columns(self, vecs: Sequence[Tensor]) -> list[Tensor]:
-        w = vecs[0].reshape(vecs[0].shape[0], -1)
-        return [w, vecs[1].unsqueeze(1)] if self.has_bias else [w]
+        """The weight's matrix and the bias column, unjoined (a block without a bias, or
+        a subclass with its own :meth:`_to_mat`, keeps the one matrix)."""
+        if not self.has_bias:
+            return super()._columns(vecs)
+        return [vecs[0].reshape(vecs[0].shape[0], -1), vecs[1].unsqueeze(1)]
 
     def _from_columns(self, parts: Sequence[Tensor]) -> list[Tensor]:
-        shape = self.params[0].shape
-        return [parts[0].reshape(shape)] + ([parts[1].squeeze(1)] if self.has_bias else [])
+        if not self.has_bias:
+            return super()._from_columns(parts)
+        return [parts[0].reshape(self.params[0].shape), parts[1].squeeze(1)]
 
 
 class BiasBlock(FactoredBlock):

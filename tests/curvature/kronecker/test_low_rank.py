@@ -296,3 +296,49 @@ def test_q_refresh_solve_in_float32_meets_the_residual_in_float64():
         FactoredBlock.solve = original
     assert residuals and all(r <= 1e-6 + rounding for r, rounding in residuals), residuals
     assert all(b.factors.last_residual <= 1e-6 for b in opt.engine.blocks if not b.exact)
+
+
+class _Mixed(nn.Module):
+    """An embedding (kept whole: nothing of it is truncated), a linear layer with a bias,
+    a transposed convolution (its bias in a block of its own) and a linear read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 12)
+        self.lin = nn.Linear(12, 16)
+        self.up = nn.ConvTranspose1d(16, 9, 3)
+        self.out = nn.Linear(9 * 3, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(self.emb(x)))          # (B, 16)
+        h = torch.tanh(self.up(h.unsqueeze(-1)))       # (B, 9, 3)
+        return self.out(h.flatten(1))
+
+
+def test_every_block_kind_solves_its_column_blocks_as_its_whole_matrix():
+    """The rank path's solve on a layer's weight and bias columns (``_columns``) equals
+    :func:`low_rank_inverse` on the block's joined matrix (``_to_mat``), for each truncated
+    block kind: a linear layer with a bias, a transposed convolution's weight and its
+    separate bias; and the results are shaped and laid out as the parameters."""
+    from kldwrm.curvature.kronecker.lowrank import low_rank_inverse
+
+    torch.manual_seed(0)
+    model = _Mixed().double()
+    opt = KFAC(model, lr=0.1, update_freq=1, rank=4, embeddings="kron")
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 40, (32,), generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    kinds = set()
+    for b in opt.engine.blocks:
+        if not isinstance(b, FactoredBlock) or b.exact:
+            continue
+        kinds.add(type(b).__name__ + ("+bias" if getattr(b, "has_bias", False) else ""))
+        vecs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in b.params]
+        got = b.solve(vecs, 1e-2, 1.3)
+        want = b._from_mat(low_rank_inverse(b._to_mat(vecs), *b.factors.spectra(), 1.3, 1e-2))
+        for g, w, p in zip(got, want, b.params, strict=True):
+            assert g.shape == p.shape and g.is_contiguous()
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert kinds == {"KroneckerBlock+bias", "TransposedConvBlock", "BiasBlock"}, kinds
