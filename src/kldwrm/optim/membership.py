@@ -5,7 +5,7 @@ gives them curvature, eq. 20's schedule otherwise), and the tensors a step leave
 
 :class:`Membership` is a mixin of :class:`~kldwrm.optim.base.CurvatureOptimizer`: it reads
 the optimizer's engine, parameters and per-block flags (``_trainable``, ``_pending``,
-``_watcher``) and its ``_check_group``.
+``_watcher``), its ``_check_group`` and its refresh schedule (``is_refresh_step``).
 """
 
 from __future__ import annotations

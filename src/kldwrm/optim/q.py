@@ -183,19 +183,26 @@ class QKLDWRM(CurvatureOptimizer):
         whose tensors were scaled by different factors (the block clip) takes the product."""
         f = self._step_factors
         scales = self._system(False)
-        mixed = self._mixed_blocks()
-        fs = self.engine.matvec(steps, self._scales(), blocks=mixed) if mixed else {}
-        # computed first: the loop below reuses ĝ's storage (it is not needed after the step)
-        wake = {i: ghat[i] - g[i] + fs[i] / lrs[i]
-                for bi in mixed for i in self.engine.slots[bi]}
-        for i, (gi, hi, di) in enumerate(zip(g, ghat, d, strict=True)):
-            if i in wake:
-                continue
-            e, _, damping = scales[self._group_of[i]]
-            a = 1.0 + f[i] / (e * lrs[i])
-            w = hi.mul(a) if hi is gi else hi.mul_(a)
-            wake[i] = w.add_(di, alpha=f[i] * damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi)
-        return [wake[i] for i in range(len(g))]
+
+        def shortcut(skip: set[int]) -> list[Tensor | None]:
+            # reuses ĝ's storage (it is not needed after the step)
+            wake: list[Tensor | None] = []
+            for i, (gi, hi, di) in enumerate(zip(g, ghat, d, strict=True)):
+                if i in skip:
+                    wake.append(None)
+                    continue
+                e, _, damping = scales[self._group_of[i]]
+                a = 1.0 + f[i] / (e * lrs[i])
+                w = hi.mul(a) if hi is gi else hi.mul_(a)
+                wake.append(w.add_(di, alpha=f[i] * damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi))
+            return wake
+
+        def exact(blocks):
+            fs = self.engine.matvec(steps, self._scales(), blocks=blocks)
+            return {i: ghat[i] - g[i] + fs[i] / lrs[i]
+                    for bi in blocks for i in self.engine.slots[bi]}
+
+        return self._mixed_blocks_from(shortcut, exact)
 
     def _steps_in_eigenbasis(self, steps, x_t):
         """``s_k`` in the eigenbasis: ``factor · x_t`` where the step is the clipped direction.
@@ -206,25 +213,23 @@ class QKLDWRM(CurvatureOptimizer):
         """
         if steps is not self._clipped:
             return self.engine.to_eigenbasis(steps)
-        out = list(torch._foreach_mul(x_t, self._step_factors))
         return self._mixed_blocks_from(
-            out, lambda blocks: self.engine.to_eigenbasis(steps, blocks=blocks))
+            lambda _skip: list(torch._foreach_mul(x_t, self._step_factors)),
+            lambda blocks: self.engine.to_eigenbasis(steps, blocks=blocks))
 
-    def _mixed_blocks(self) -> list[int]:
-        """The blocks whose tensors took different step factors (the block clip)."""
+    def _mixed_blocks_from(self, shortcut, exact):
+        """``shortcut(skip)`` with the tensors of each block whose tensors took different
+        step factors (the block clip scaled weight and bias differently) replaced by
+        ``exact(blocks)``, which computes those blocks without the shortcut. ``exact`` runs
+        first, so the shortcut may reuse its inputs' storage; it may leave the positions in
+        ``skip`` (those blocks' tensors) empty."""
         f = self._step_factors
-        return [bi for bi, slot in enumerate(self.engine.slots) if len({f[i] for i in slot}) > 1]
-
-    def _mixed_blocks_from(self, out, exact):
-        """``out`` with the tensors of each block whose tensors took different step factors
-        (the block clip scaled weight and bias differently) replaced by ``exact(blocks)``,
-        which computes those blocks without the shortcut."""
-        mixed = self._mixed_blocks()
-        if mixed:
-            full = exact(mixed)
-            for bi in mixed:
-                for i in self.engine.slots[bi]:
-                    out[i] = full[i]
+        mixed = [bi for bi, slot in enumerate(self.engine.slots) if len({f[i] for i in slot}) > 1]
+        full = exact(mixed) if mixed else {}
+        skip = {i for bi in mixed for i in self.engine.slots[bi]}
+        out = shortcut(skip)
+        for i in skip:
+            out[i] = full[i]
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

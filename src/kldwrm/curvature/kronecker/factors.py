@@ -158,7 +158,6 @@ class KroneckerFactors:
             setattr(self, k, t)
         self._cache = {}
 
-
     def _decompose(self, mat: Tensor, previous: Tensor | None, which: str
                    ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Eigenpairs and tail constant: exact (rank ``None`` or ``≥ n``) or randomized; a
