@@ -332,26 +332,29 @@ class KroneckerFactors:
         return self.unrotate(X.to(dt))
 
     def _refresh_operands(self) -> tuple[Spectrum, Spectrum, Spectrum, Spectrum]:
-        """``(Γ̄_r, Ā_r, Γ_r, A_r)`` in float64, the fresh factors truncated in the averages'
-        kept bases (:func:`~kldwrm.curvature.kronecker.lowrank.compress`; once per refresh,
-        one product of ``O(n² r)`` per factor)."""
+        """``(Γ̄_r, Ā_r, Γ_r, A_r)``, the fresh factors truncated in the averages' kept bases
+        (:func:`~kldwrm.curvature.kronecker.lowrank.compress`; once per refresh, one product
+        of ``O(n² r)`` per factor, in the factors' dtype)."""
         def make() -> tuple[Spectrum, Spectrum, Spectrum, Spectrum]:
-            G, A = (sp.to(torch.float64) for sp in self.spectra())
-            return G, A, compress(self.G_fresh.double(), G), compress(self.A_fresh.double(), A)
+            G, A = self.spectra()
+            return G, A, compress(self.G_fresh, G), compress(self.A_fresh, A)
 
         return self.cached("refresh-operands", make)
 
     def _solve_low_rank(self, V: Tensor, damping: float, e: float, f: float) -> Tensor:
         """``e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI``
         (:func:`~kldwrm.curvature.kronecker.lowrank.refresh_solve`): closed form but for the
-        ``r × r`` core, solved to ``EXACT_SOLVE_RTOL``. In float64 (four products of
-        ``O(out · in · r)``, once per refresh), so that the residual bound holds for float32
-        factors too: the result is rounded to ``V``'s dtype only at the end.
+        ``r × r`` core, solved to ``EXACT_SOLVE_RTOL``. The core's CG and the ``r × r``
+        inverses run in float64, where the residual is certified; the four products of
+        ``O(out · in · r)`` that lead to the core and back run in ``V``'s dtype, like the
+        rotations of the eigenbasis path (:meth:`_solve_cg`), so a float32 solution carries
+        float32 rounding (``tests/curvature/kronecker/test_low_rank.py`` bounds it).
         """
-        X, rel = refresh_solve(V.double(), *self._refresh_operands(), e, f, damping)
+        ops = [sp.to(V.dtype) for sp in self._refresh_operands()]
+        X, rel = refresh_solve(V, *ops, e, f, damping)
         self.last_residual = rel
         check_residual(rel, self.name)
-        return X.to(V.dtype)
+        return X
 
     def matvec(self, V: Tensor, damping: float, ea_scale: float, fresh_scale: float) -> Tensor:
         """``(e Ā⊗Γ̄ + f A⊗Γ + γI) vec(V)`` as a matrix (the truncated factors with a rank)."""

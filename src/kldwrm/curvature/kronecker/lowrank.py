@@ -84,8 +84,9 @@ def compress(mat: Tensor, basis: Spectrum) -> Spectrum:
     core = U.T @ (mat @ U)
     core = (core + core.T) * 0.5
     n, r = U.shape
-    tail = ((torch.trace(mat) - torch.trace(core)) / (n - r)).clamp_min(0.0) if n > r \
-        else mat.new_zeros(())
+    # the traces in float64: their difference is the (small) discarded part
+    tail = ((mat.diagonal().double().sum() - core.diagonal().double().sum()) / (n - r))\
+        .clamp_min(0.0).to(mat.dtype) if n > r else mat.new_zeros(())
     return Spectrum(core, U, tail)
 
 
