@@ -173,8 +173,9 @@ class FactoredBlock(Block):
         #: ``None``: K-FAC's ``dΓ dAᵀ``
         self.moments: EigenMoments | None = None
         #: ``"adaptive"``: the tensors observed this step and their rotation (reused by a
-        #: solve or rotation of the same tensors, e.g. K-FAC's of the gradient)
-        self._observed: tuple[list[Tensor], Tensor] | None = None
+        #: solve or rotation of the same tensors, e.g. K-FAC's of the gradient), with the
+        #: tensors' version counters
+        self._observed: tuple[list[Tensor], list[int], Tensor] | None = None
 
     # the factor pair, for tests and step rules that inspect it
     A_bar = property(lambda self: self.factors.A_bar)
@@ -253,14 +254,17 @@ class FactoredBlock(Block):
         """``"adaptive"``: fold this step's gradient, in the eigenbasis, into ``S̄``."""
         rotated = self.factors.rotate(self._to_mat(vecs))
         self.moments.observe(rotated)
-        self._observed = (list(vecs), rotated)
+        self._observed = (list(vecs), [v._version for v in vecs], rotated)
 
     def _rotated(self, vecs: Sequence[Tensor]) -> Tensor:
-        """``QΓᵀ V QA`` of ``vecs``, reusing :meth:`observe`'s when they are the same tensors."""
+        """``QΓᵀ V QA`` of ``vecs``, reusing :meth:`observe`'s when they are the same tensors,
+        unchanged since (their in-place version counters: the gradients may be ``p.grad``
+        itself, which ``zero_grad(set_to_none=False)`` and the next backward overwrite)."""
         seen = self._observed
         if seen is not None and len(seen[0]) == len(vecs) and all(
-                a is b for a, b in zip(seen[0], vecs, strict=True)):
-            return seen[1]
+                a is b and a._version == v
+                for a, b, v in zip(seen[0], vecs, seen[1], strict=True)):
+            return seen[2]
         return self.factors.rotate(self._to_mat(vecs))
 
     def _factor_sizes(self) -> tuple[int, int]:

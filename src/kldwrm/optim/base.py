@@ -421,7 +421,11 @@ class CurvatureOptimizer(Persistent, Membership, Optimizer):
 
     def _full_gradient(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
         """``g_k`` of DESIGN section 3: the gradient including the weight-decay term, in at
-        least float32 (zero for a tensor without gradient)."""
+        least float32 (zero for a tensor without gradient).
+
+        Without a term to add, ``g_k`` is ``p.grad`` itself (no copy, a pass over the
+        parameters saved): the rules only read it, and one that keeps it past the step
+        takes :meth:`_kept` (``tests/optim/test_gradients_untouched.py`` checks both)."""
         if self._narrow:
             params = [widen(p.detach()) for p in self._values()]
             grads = [widen(gr) if gr is not None else torch.zeros_like(p)
@@ -435,12 +439,17 @@ class CurvatureOptimizer(Persistent, Membership, Optimizer):
             wd = wds.pop()
             if wd != 0:
                 return torch._foreach_add(grads, params, alpha=wd)
-            return [gr.clone() for gr in grads]
+            return list(grads)
         out = []
         for i, (p, gr) in enumerate(zip(params, grads, strict=True)):
             wd = self.param_groups[self._group_of[i]]["weight_decay"]
-            out.append(gr.add(p, alpha=wd) if wd != 0 else gr.clone())
+            out.append(gr.add(p, alpha=wd) if wd != 0 else gr)
         return out
+
+    def _kept(self, i: int, g_i: Tensor) -> Tensor:
+        """``g_i`` (tensor ``i``'s ``g_k``) as state that outlives the step: a copy where it
+        is the parameter's ``p.grad``, which the next backward may overwrite in place."""
+        return g_i.clone() if g_i is self._params[i].grad else g_i
 
     def _compute_step(self, g: list[Tensor], refresh: bool) -> list[Tensor]:
         """The step ``s = -lr·ν·c·d`` actually taken (DESIGN section 3, clipping)."""
@@ -452,22 +461,7 @@ class CurvatureOptimizer(Persistent, Membership, Optimizer):
         lrs = [self._lr(i) for i in range(len(d))]
         for i in self._left:  # left-out tensors take no step, nor part in the KL clip
             lrs[i] = 0.0
-        nu = 1.0
-        if self.kl_clip is not None:
-            dots = _dots(*self._kl_terms(d, u))
-            if len(set(lrs)) == 1:
-                vdotu = lrs[0] * lrs[0] * float(dots.sum())
-            else:
-                vdotu = float((dots * dots.new_tensor([lr * lr for lr in lrs])).sum())
-            if vdotu != 0.0:
-                nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
-        cs = [1.0] * len(d)
-        if self.block_clip is not None:
-            norms = torch.stack(torch._foreach_norm(list(d))).tolist()
-            for i, (nrm, di) in enumerate(zip(norms, d, strict=True)):
-                rms = nrm / math.sqrt(di.numel()) if di.numel() else 0.0
-                if rms > 0:
-                    cs[i] = min(1.0, self.block_clip / rms)
+        nu, cs = self._clip_factors(d, u, lrs)
         self.last_kl_scale = nu
         #: per-tensor factor of the last step, ``s_i = factor_i · d_i``
         self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
@@ -475,6 +469,33 @@ class CurvatureOptimizer(Persistent, Membership, Optimizer):
         f = self._step_factors  # (never empty: a model without parameters is refused)
         self._clipped = torch._foreach_mul(list(d), f[0] if len(set(f)) == 1 else f)
         return self._clipped
+
+    def _clip_factors(self, d: Sequence[Tensor], u: Sequence[Tensor], lrs: list[float]
+                      ) -> tuple[float, list[float]]:
+        """The KL clip's ``ν`` and each tensor's block-clip factor ``c_i`` (DESIGN section
+        3), their reductions (``vᵀu``, and ``‖d_i‖²`` as a dot product, a third of a norm's
+        cost on CPU) read back in one host synchronisation."""
+        parts = []
+        if self.kl_clip is not None:
+            dots = _dots(*self._kl_terms(d, u))
+            parts.append((dots.sum() if len(set(lrs)) == 1 else
+                          (dots * dots.new_tensor([lr * lr for lr in lrs])).sum()).reshape(1))
+        if self.block_clip is not None:
+            parts.append(_dots(d, d))
+        vals = torch.cat(parts).tolist() if parts else []
+        nu = 1.0
+        if self.kl_clip is not None:
+            vdotu = (lrs[0] * lrs[0] if len(set(lrs)) == 1 else 1.0) * vals.pop(0)
+            if vdotu != 0.0:
+                nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
+        cs = [1.0] * len(d)
+        for i, (sq, di) in enumerate(zip(vals, d, strict=False)):
+            if not math.isfinite(sq):  # overflowed in float32 (or non-finite): the norm
+                sq = float(torch.linalg.vector_norm(di)) ** 2
+            rms = math.sqrt(sq / di.numel()) if di.numel() else 0.0
+            if rms > 0:
+                cs[i] = min(1.0, self.block_clip / rms)
+        return nu, cs
 
     def _with_momentum(self, steps: list[Tensor]) -> list[Tensor]:
         """``s_k = μ s_{k-1} + c_k`` per tensor (Martens & Grosse 2015, section 7: the new

@@ -40,5 +40,5 @@ class SOKLDWRM(CurvatureOptimizer):
     def _after_step(self, g, steps, refresh):
         for i, (p, gi) in enumerate(zip(self._params, g, strict=True)):
             st = self.state[p]
-            st["prev_grad"] = gi
+            st["prev_grad"] = self._kept(i, gi)
             st["prev_lr"] = self._lr(i)
