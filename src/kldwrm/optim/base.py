@@ -1,7 +1,8 @@
 """Shared machinery of every curvature-based step rule (DESIGN sections 1 and 3).
 
 :class:`CurvatureOptimizer` owns the curvature engine, the refresh schedule (eq. 20), the
-non-finite guard, weight decay, the KL and block clips and persistence. A step rule only
+non-finite guard, weight decay, the KL and block clips (the :class:`~.clipping.Clipping`
+mixin) and persistence. A step rule only
 says which vector ``u`` it preconditions and with which system (:meth:`_direction`), and
 what it remembers for the next step (:meth:`_after_step`).
 """
@@ -35,6 +36,7 @@ from ..distributed import (
     shard_like,
 )
 from . import damping as lm
+from .clipping import Clipping
 from .membership import Membership, block_trainable
 from .options import check_arguments, check_options, optimized
 from .persistence import Persistent
@@ -43,12 +45,6 @@ logger = logging.getLogger(__name__)
 
 #: (ea_scale e, fresh_scale f, damping γ) for one parameter group: the system e·F̄ + f·F + γI
 Scales = tuple[float, float, float]
-
-def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Per-tensor dot products ``aᵢ·bᵢ``: one pass over each pair, no temporaries."""
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1))
-                        for x, y in zip(a, b, strict=True)])
-
 
 def _label_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """The generator of the Monte-Carlo labels: one shared state on every rank (each rank
@@ -68,7 +64,7 @@ class MissingCurvatureWarning(RuntimeWarning):
     """Issued (once per optimizer) when a refresh step finds layers that received no data."""
 
 
-class CurvatureOptimizer(Persistent, Membership, Optimizer):
+class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
     """Base class of :class:`KFAC`, :class:`SOKLDWRM`, :class:`QKLDWRM` and :class:`QEKLDWRM`.
 
     Args:
@@ -455,67 +451,6 @@ class CurvatureOptimizer(Persistent, Membership, Optimizer):
         """The step ``s = -lr·ν·c·d`` actually taken (DESIGN section 3, clipping)."""
         d, u = self._direction(g, refresh)
         return self._clipped_step(d, u)
-
-    def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor]:
-        # one host sync per clip and fused (foreach) ops: no per-tensor float() calls
-        lrs = [self._lr(i) for i in range(len(d))]
-        for i in self._left:  # left-out tensors take no step, nor part in the KL clip
-            lrs[i] = 0.0
-        nu, cs = self._clip_factors(d, u, lrs)
-        self.last_kl_scale = nu
-        #: per-tensor factor of the last step, ``s_i = factor_i · d_i``
-        self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
-        # one scalar when the factors are alike: no per-tensor scalar-to-tensor conversions
-        f = self._step_factors  # (never empty: a model without parameters is refused)
-        self._clipped = torch._foreach_mul(list(d), f[0] if len(set(f)) == 1 else f)
-        return self._clipped
-
-    def _clip_factors(self, d: Sequence[Tensor], u: Sequence[Tensor], lrs: list[float]
-                      ) -> tuple[float, list[float]]:
-        """The KL clip's ``ν`` and each tensor's block-clip factor ``c_i`` (DESIGN section
-        3), their reductions (``vᵀu``, and ``‖d_i‖²`` as a dot product, a third of a norm's
-        cost on CPU) read back in one host synchronisation."""
-        parts = []
-        if self.kl_clip is not None:
-            dots = _dots(*self._kl_terms(d, u))
-            parts.append((dots.sum() if len(set(lrs)) == 1 else
-                          (dots * dots.new_tensor([lr * lr for lr in lrs])).sum()).reshape(1))
-        if self.block_clip is not None:
-            parts.append(_dots(d, d))
-        vals = torch.cat(parts).tolist() if parts else []
-        nu = 1.0
-        if self.kl_clip is not None:
-            vdotu = (lrs[0] * lrs[0] if len(set(lrs)) == 1 else 1.0) * vals.pop(0)
-            if vdotu != 0.0:
-                nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
-        cs = [1.0] * len(d)
-        for i, (sq, di) in enumerate(zip(vals, d, strict=False)):
-            if not math.isfinite(sq):  # overflowed in float32 (or non-finite): the norm
-                sq = float(torch.linalg.vector_norm(di)) ** 2
-            rms = math.sqrt(sq / di.numel()) if di.numel() else 0.0
-            if rms > 0:
-                cs[i] = min(1.0, self.block_clip / rms)
-        return nu, cs
-
-    def _with_momentum(self, steps: list[Tensor]) -> list[Tensor]:
-        """``s_k = μ s_{k-1} + c_k`` per tensor (Martens & Grosse 2015, section 7: the new
-        update plus μ times the previous one), with ``c_k`` the rule's clipped step and
-        ``μ`` the group's ``momentum``; ``steps`` itself when every group has ``μ = 0``.
-        The buffer (``state[p]["momentum_buffer"]``) is the previous step taken, so the
-        rules' recursions, which use the step taken, see the momentum."""
-        mus = [g.get("momentum", 0.0) for g in self.param_groups]  # (saved before 0.3)
-        if not any(mus):
-            return steps
-        out = list(steps)
-        for i, p in enumerate(self._params):
-            mu = mus[self._group_of[i]]
-            if mu == 0.0 or i in self._left:
-                continue
-            st = self.state[p]
-            buf = st.get("momentum_buffer")
-            out[i] = steps[i].clone() if buf is None else steps[i].add(buf, alpha=mu)
-            st["momentum_buffer"] = out[i]
-        return out
 
     def _scales(self, e_of_lr: Callable[[float], float] = lambda lr: 1.0,
                 f_of_lr: Callable[[float], float] = lambda lr: 0.0) -> list[Scales]:
