@@ -1,44 +1,4 @@
-"""Hooks that record what the curvature needs, registered only on refresh steps.
-
-On the steps in between no hook is installed at all, so the model runs exactly as it
-would under ``torch.optim.SGD`` (zero overhead, eq. 20).
-
-While armed, each Kronecker layer's forward hook keeps its input ``a`` and output ``z``.
-The output gradients ``δ`` then come from one of two places:
-
-* ``fisher="empirical"``: a tensor hook on ``z`` during the user's own ``loss.backward()``
-  (scaled by the number of examples ``N``, since the user's loss is a mean over them);
-* ``fisher="mc"`` (eq. 5): labels are sampled from the model's predictive distribution
-  inside the root module's forward hook, and one extra backward of the summed
-  sampled-label loss runs there, to the layer outputs only, with ``retain_graph=True``.
-  The user's training loop is unchanged, no second forward pass runs (so BatchNorm
-  running statistics and dropout masks are exactly those of the user's pass), and the
-  user's ``loss.backward()`` then frees the graph as usual.
-
-Examples (DESIGN section 1): the model output's last dimension holds the classes (or the
-regression features) and every leading position is an example, so a language model's
-``(batch, time, vocab)`` logits are ``batch·time`` examples, each with its own sampled
-label. With the empirical Fisher, positions whose output gradient is exactly zero, the
-positions a loss's ``ignore_index`` left out, are not examples: they are not counted, and
-layers whose rows are those positions (same leading shape as the output) drop them.
-
-Every forward pass of the root module while armed is one *call* (several with gradient
-accumulation); each recorded tensor remembers its call, so rows can be matched to the
-examples of the output they produced. The step's gradient is taken to be that of the mean
-loss over the examples of all its calls, which is what the usual accumulation loop
-computes (each micro-batch's mean loss weighted by its share of the examples): the step on
-accumulated micro-batches then equals the step on their concatenation
-(:meth:`Capture.delta_scale`).
-
-Activation checkpointing (``torch.utils.checkpoint``) runs parts of the forward pass again
-during a backward pass. A recomputed layer is not a new use of it: with
-``use_reentrant=False`` the first pass was recorded as usual and the recomputation is
-ignored; with ``use_reentrant=True`` the first pass ran under ``no_grad`` (nothing to record
-then), so the layer's input and output gradient are taken from its recomputation, once per
-use (:meth:`Capture._recomputed`). ``torch.autograd.grad`` cannot cross a reentrant
-checkpoint, so the "mc" labels' backward is then a plain backward with the parameters'
-gradients set aside and restored (:meth:`Capture._sampled_backward_all`).
-"""
+"""The :class:`Capture` hooks (see :mod:`kldwrm.curvature.capture`)."""
 
 from __future__ import annotations
 
@@ -46,87 +6,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import is_sharded, rank, rank_seed, world_size
-
-FISHER_TYPES = ("mc", "empirical", "exact")
-LIKELIHOODS = ("categorical", "gaussian")
-
-#: how the likelihood finds its tensor in the model's output (DESIGN section 1)
-OutputSelector = Callable[[Any], Tensor] | str | int | None
-
-
-def in_backward() -> bool:
-    """Whether autograd's engine is running a backward pass on this thread (where a
-    checkpointed segment's forward is recomputed)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def _is_functorch_tensor(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
-
-
-def widen(t: Tensor) -> Tensor:
-    """``t`` in at least float32 (curvature statistics are never kept in half precision)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def select_output(output: Any, selector: OutputSelector) -> Any:
-    """The tensor the likelihood is defined on, from whatever the model returned.
-
-    ``selector`` is ``None`` (the output itself), an ``int`` (index of a tuple or list), a
-    ``str`` (key of a dict, else attribute, e.g. ``"logits"`` of a Hugging Face output) or
-    a callable ``output -> Tensor``.
-    """
-    if selector is None:
-        return output
-    if callable(selector):
-        return selector(output)
-    if isinstance(selector, int):
-        return output[selector]
-    if isinstance(output, dict) or hasattr(output, "keys"):
-        try:
-            return output[selector]
-        except (KeyError, TypeError):
-            pass
-    return getattr(output, selector)
-
-
-def num_examples(output: Tensor) -> int:
-    """Examples in a model output: every leading position (the last dim is the class or
-    feature dimension); a 1-D output holds one scalar per example."""
-    if output.dim() <= 1:
-        return int(output.shape[0]) if output.dim() == 1 else 1
-    return output.numel() // output.shape[-1]
-
-
-def sample_output_grads(
-    output: Tensor, likelihood: str, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """Sample ``y ~ p(y | h)`` and return ``(loss_sum, y)`` for the sampled-label loss.
-
-    ``loss_sum`` is the *summed* negative log-likelihood over every example (every leading
-    position of ``output``), so its gradient with respect to any per-example quantity is
-    that example's own gradient (no ``N`` rescaling needed).
-    """
-    h = output.detach()
-    if likelihood == "categorical":
-        if output.dim() < 2:
-            raise ValueError(
-                "likelihood='categorical' needs model outputs of shape (..., classes) with the "
-                f"classes on the last dimension, got {tuple(output.shape)}"
-            )
-        classes = output.shape[-1]
-        probs = torch.softmax(h.float().reshape(-1, classes), dim=-1)
-        y = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return F.cross_entropy(output.reshape(-1, classes), y, reduction="sum"), y
-    noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
-    y = h + noise
-    return 0.5 * (output - y).square().sum(), y
+from ...distributed import is_sharded, rank, rank_seed, world_size
+from .outputs import (
+    OutputSelector,
+    _is_functorch_tensor,
+    in_backward,
+    num_examples,
+    sample_output_grads,
+    select_output,
+    widen,
+)
 
 
 class Capture:
@@ -503,15 +394,3 @@ class Capture:
             for p, g in zip(params, saved, strict=True):
                 p.grad = g
         return [*got, *diag_grads]
-
-
-__all__ = [
-    "FISHER_TYPES",
-    "LIKELIHOODS",
-    "Capture",
-    "OutputSelector",
-    "num_examples",
-    "sample_output_grads",
-    "select_output",
-    "widen",
-]
