@@ -1,6 +1,6 @@
 """Data-parallel figures: bytes per step/refresh, 1-rank vs 2-rank step time, decompositions.
 
-1. ``kldwrm.curvature.traffic.communication_bytes`` for the paper's CNN and the 784-1024-1024-10
+1. ``kldwrm.curvature.assembly.communication_bytes`` for the paper's CNN and the 784-1024-1024-10
    MLP (float32): the all-reduce payload per step (gradients, DDP) and per refresh (the
    fresh Kronecker factors / diagonals, one flattened all-reduce).
 2. Step time (forward + backward + ``step``) of the paper CNN at a global batch of 512, on
@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from kldwrm.curvature.traffic import communication_bytes
+from kldwrm.curvature.assembly import communication_bytes
 from kldwrm.experiments.data.models import mlp, paper_cnn
 
 from .common import make

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 from kldwrm import KFAC, QKLDWRM, SOKLDWRM
-from kldwrm.curvature.traffic import communication_bytes
+from kldwrm.curvature.assembly import communication_bytes
 from kldwrm.distributed import rank_seed
 from kldwrm.optim.qe import QEKLDWRM
 

@@ -17,7 +17,7 @@ rank). See ``docs/distributed.md`` for launching with ``torchrun`` and for what 
   shard for the update.
 
 What crosses the network per block is tabulated by
-:func:`kldwrm.curvature.traffic.communication_bytes`. This module knows nothing of the
+:func:`kldwrm.curvature.assembly.communication_bytes`. This module knows nothing of the
 curvature (the curvature imports it, never the reverse).
 """
 

@@ -3,6 +3,7 @@
 The step rules in :mod:`kldwrm.optim` use only :class:`CurvatureEngine`.
 """
 
+from .assembly import unwrap
 from .blocks import Block, FactoredBlock
 from .capture import FISHER_TYPES, LIKELIHOODS, Capture
 from .dense import DenseBlock
@@ -15,7 +16,6 @@ from .engine import (
     EMBEDDINGS,
     WEIGHT_SHARING,
     CurvatureEngine,
-    unwrap,
 )
 from .layer import BIAS_MODES, BiasBlock, KroneckerBlock, kronecker_supported
 from .linalg import CurvatureError, sym_eig

@@ -9,7 +9,6 @@ parameter-shaped vectors through the damped solves and matrix-vector products.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,26 +21,14 @@ from ..distributed import (
 )
 from ..distributed import rank as this_rank
 from . import sharding
+from .assembly import build_blocks, unwrap
 from .blocks import Block, FactoredBlock
 from .capture import Capture, OutputSelector
 from .dense import DenseBlock, dense_fishers
 from .diagonal import DiagonalBlock
-from .embedding import EmbeddingBlock, embedding_supported
 from .kronecker import CORRECTED, EigenMoments
-from .layer import BiasBlock, KroneckerBlock, _ConvTransposeNd, kronecker_supported
+from .layer import KroneckerBlock
 from .linalg import all_finite
-from .transposed import TransposedConvBlock
-
-
-def _warn_shared(module_name: str) -> None:
-    """A layer whose weight an earlier Kronecker layer already holds (tied weights)."""
-    warnings.warn(
-        f"the weight of layer {module_name!r} is shared with an earlier layer, whose "
-        "Kronecker block it keeps: its curvature comes from that layer's use only",
-        UserWarning,
-        stacklevel=5,
-    )
-
 
 #: ``"kron"``: K-FAC's eigenvalues; ``"ekfac"``/``"adaptive"``: measured in K-FAC's
 #: eigenbasis (:mod:`.eigen`); ``"dense"``: the full Fisher (research mode)
@@ -60,53 +47,11 @@ DECOMPOSITIONS = ("auto", "replicated", "sharded", "owned")
 
 
 
-def _kronecker_blocks(m: nn.Module, name: str, bias: str, rank: int | None
-                      ) -> list[FactoredBlock]:
-    """A Kronecker layer's blocks: its weight's (with the bias as a homogeneous coordinate
-    where the block takes it) and, for a bias outside that block, the bias's own."""
-    cls = TransposedConvBlock if isinstance(m, _ConvTransposeNd) else KroneckerBlock
-    block = cls(m, name, bias=bias, rank=rank)
-    if m.bias is None or block.has_bias:
-        return [block]
-    return [block, BiasBlock(m, f"{name}.bias", rank=rank)]
-
-
 def _wide(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
 DENSE_SCOPES = ("model", "layer")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind a ``DistributedDataParallel``/``DataParallel`` wrapper."""
-    inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ in (
-        "DistributedDataParallel",
-        "DataParallel",
-    ):
-        return inner
-    return model
-
-
-def _functionally_called(model: nn.Module) -> set[int]:
-    """Linear layers whose weights their parent uses without calling them as modules, so no
-    hook sees their inputs: ``nn.MultiheadAttention.out_proj`` (not that of
-    :class:`kldwrm.layers.MultiheadAttention`, which calls it). They get diagonal blocks."""
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-            and not getattr(m, "projections_are_modules", False)}
-
-
-def _dense_groups(
-    module: nn.Module, params: list[nn.Parameter], name: str, bias: str
-) -> list[tuple[list[nn.Parameter], str]]:
-    """A module's dense blocks for ``dense_scope="layer"``: one, or with ``bias="separate"``
-    the bias on its own (the exact counterpart of the released code's block structure)."""
-    b = getattr(module, "bias", None)
-    if bias != "separate" or not isinstance(b, nn.Parameter) or all(p is not b for p in params):
-        return [(params, name)] if params else []
-    rest = [p for p in params if p is not b]
-    return ([(rest, name)] if rest else []) + [([b], f"{name}.bias")]
 
 
 class CurvatureEngine:
@@ -172,7 +117,7 @@ class CurvatureEngine:
         among ``params``, every other tensor a diagonal one (dense blocks in research
         mode); the capture hooks of the new layers are installed if it is armed."""
         params = list(params)
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = {id(p) for p in self.model.parameters()}
         unknown = [i for i, p in enumerate(params) if id(p) not in names]
         if unknown:
             raise ValueError(
@@ -182,12 +127,9 @@ class CurvatureEngine:
         offset = len(self.params)
         self.params.extend(params)
         index = {id(p): offset + i for i, p in enumerate(params)}
-        if self.curvature == "dense":
-            new = self._dense_blocks(params, index, first=offset == 0)
-        else:
-            new = self._kron_blocks(index)
-        covered = {id(p) for b in new for p in b.params}
-        new += [DiagonalBlock(p, names[id(p)]) for p in params if id(p) not in covered]
+        new = build_blocks(self.model, params, self.blocks, offset, curvature=self.curvature,
+                           bias=self.bias, rank=self.rank, embeddings=self.embeddings,
+                           dense_scope=self.dense_scope)
         for b in new:
             if isinstance(b, FactoredBlock):
                 b.factors.split = self.damping_split == "pi"
@@ -204,48 +146,6 @@ class CurvatureEngine:
                      and id(b.module) not in held}.values())
         self.capture.add(kron, [b.params[0] for b in new if isinstance(b, DiagonalBlock)])
         return list(range(first, len(self.blocks)))
-
-    def _dense_blocks(self, params: list[nn.Parameter], index: dict[int, int],
-                      first: bool) -> list[Block]:
-        """Research mode: one block over ``params`` (``dense_scope="model"``), or one per
-        module (``"layer"``). With ``"model"``, tensors frozen now (``requires_grad``
-        off) get a block of their own, so that they do not enter the others' solve; so
-        does a group added later."""
-        if self.dense_scope == "model":
-            name = "model" if first else f"model.{len(self.blocks)}"
-            live = [p for p in params if p.requires_grad]
-            frozen = [p for p in params if not p.requires_grad]
-            return ([DenseBlock(live, name)] if live else []) + (
-                [DenseBlock(frozen, f"{name}.frozen")] if frozen else [])
-        out: list[Block] = []
-        for mname, m in self.model.named_modules():
-            ps = [p for p in m.parameters(recurse=False) if id(p) in index]
-            for group, gname in _dense_groups(m, ps, mname or "model", self.bias):
-                out.append(DenseBlock(group, gname))
-        return out
-
-    def _kron_blocks(self, index: dict[int, int]) -> list[Block]:
-        """Kronecker blocks of the supported layers whose tensors are all in ``index``."""
-        functional = _functionally_called(self.model)
-        covered = {id(p) for b in self.blocks if isinstance(b, FactoredBlock)
-                   for p in b.params}
-        out: list[Block] = []
-        for mname, m in self.model.named_modules():
-            if not kronecker_supported(m) or id(m) in functional:
-                continue
-            own = [m.weight] + ([m.bias] if m.bias is not None else [])
-            if id(m.weight) in covered:
-                if id(m.weight) in index:  # tied to an earlier layer's weight
-                    _warn_shared(mname)  # its bias, if not shared too, gets a diagonal block
-                continue
-            if all(id(p) in index for p in own):
-                out.extend(_kronecker_blocks(m, mname, self.bias, self.rank))
-                covered.update(id(p) for p in own)
-        if self.embeddings == "kron":  # after the layers: a tied weight keeps their block
-            out += [EmbeddingBlock(m, mname) for mname, m in self.model.named_modules()
-                    if embedding_supported(m) and id(m.weight) in index
-                    and id(m.weight) not in covered]
-        return out
 
     # -- refresh ----------------------------------------------------------------------
     def arm(self, on: bool) -> None:
