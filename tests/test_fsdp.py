@@ -264,7 +264,7 @@ def _dcp_worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
         set_model_state_dict,
     )
 
-    from kldwrm.optim.sharded_checkpoint import load_sharded_state, sharded_state
+    from kldwrm.optim.sharded.checkpoint import load_sharded_state, sharded_state
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -5,7 +5,7 @@ from .kfac import KFAC
 from .preconditioner import RULES, Preconditioner
 from .q import Q_SOLVES, QKLDWRM
 from .qe import QEKLDWRM
-from .sharded_checkpoint import load_sharded_state, sharded_state
+from .sharded.checkpoint import load_sharded_state, sharded_state
 from .so import SOKLDWRM
 
 __all__ = [

@@ -23,7 +23,7 @@ from .._validation import check_int_at_least, check_nonnegative, check_positive
 from ..curvature.capture import num_examples, select_output, widen
 from ..distributed import all_reduce_mean_
 from .q import QKLDWRM
-from .sharded_eval import gradient_at, parameters_at
+from .sharded.evaluation import gradient_at, parameters_at
 from .window import Call, KLGradient, Window, as_logits, wake_weights
 
 
@@ -408,7 +408,7 @@ class QEKLDWRM(QKLDWRM):
     def _stored_outputs_sharded(self, calls: Sequence[Call]
                                 ) -> tuple[list[Tensor], list[int]]:
         """:meth:`_stored_outputs` of an FSDP2 model: each stored iterate written into the
-        shards in turn (:mod:`.sharded_eval`), one forward per iterate and call."""
+        shards in turn (:mod:`.sharded.evaluation`), one forward per iterate and call."""
         net, per_slot = self.engine.model, []
         for slot in range(self.window):
             vals = [self.state[p]["qe_window"][slot] if "qe_window" in self.state[p] else v

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..curvature.capture import widen
-from ..distributed import full, reshard, shard_like, zeros_full
+from ...curvature.capture import widen
+from ...distributed import full, reshard, shard_like, zeros_full
 
 
 @contextmanager

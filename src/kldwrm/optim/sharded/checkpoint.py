@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed import rank
-from .base import CurvatureOptimizer
+from ...distributed import rank
+from ..base import CurvatureOptimizer
 
 
 def _rule(opt: Any) -> CurvatureOptimizer:
