@@ -155,3 +155,24 @@ def test_a_diagonal_input_factor_takes_one_column_block():
     A = Spectrum(torch.rand(4, generator=gen), None, torch.zeros(()))
     with pytest.raises(ValueError, match="one column block"):
         low_rank_inverse_columns([torch.randn(6, 2), torch.randn(6, 2)], G, A, 1.0, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["kept", "core", "whole", "diagonal"])
+def test_spectrum_products_from_both_sides_equal_the_dense_ones(kind):
+    """``S·V`` and ``V·S`` for each form a :class:`Spectrum` takes, against the dense ``S``."""
+    gen = torch.Generator().manual_seed(5)
+    n = 9
+    mat = _spd(n, gen)
+    if kind == "diagonal":
+        vals = torch.rand(n, generator=gen) + 0.5
+        S, dense = Spectrum(vals, None, torch.zeros(())), torch.diag(vals)
+    elif kind == "core":
+        S = compress(_spd(n, gen), _truncated(mat, 4))
+        dense = _dense(S.vals, S.vecs, S.tail)
+    else:
+        S = _truncated(mat, 4 if kind == "kept" else None)
+        dense = _dense(S.vals, S.vecs, S.tail)
+    V = torch.randn(n, 6, generator=gen)
+    torch.testing.assert_close(S.left(V), dense @ V, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S.right(V.T), V.T @ dense, rtol=1e-12, atol=1e-12)
+    assert S.left(V).is_contiguous()

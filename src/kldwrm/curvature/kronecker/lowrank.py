@@ -66,8 +66,17 @@ class Spectrum:
         return torch.addmm(V, VU, self.vecs.T, beta=float(self.tail))
 
     def left(self, V: Tensor) -> Tensor:
-        """``S · V`` (``S`` is symmetric)."""
-        return self.right(V.T).T
+        """``S · V``: ``tail·V + U (core − tail I)(Uᵀ V)``, like :meth:`right` from the
+        other side (a contiguous result: ``right(Vᵀ)ᵀ`` would be a transposed one, which
+        the sums that follow read at a stride)."""
+        if self.vecs is None:
+            return V * self.vals[:, None]
+        UV = self.vecs.T @ V
+        UV = UV.mul_((self.vals - self.tail)[:, None]) if self.vals.dim() == 1 else \
+            torch.addmm(UV, self.vals, UV, beta=-float(self.tail))
+        if self.full:
+            return self.vecs @ UV
+        return torch.addmm(V, self.vecs, UV, beta=float(self.tail))
 
     def to(self, dtype: torch.dtype) -> Spectrum:
         return Spectrum(self.vals.to(dtype), None if self.vecs is None else self.vecs.to(dtype),
