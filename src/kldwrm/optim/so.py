@@ -27,12 +27,16 @@ class SOKLDWRM(CurvatureOptimizer):
         super().__init__(model, lr=lr, rho=rho, **kwargs)
 
     def _direction(self, g, refresh):
+        # with a rank (off the paper's path, whose steps keep their two-pass rounding) the
+        # difference is one pass per tensor
+        one_pass = not self.engine.diagonalizable()
         u = []
         for i, (p, gi) in enumerate(zip(self._params, g, strict=True)):
             st = self.state[p]
             if "prev_grad" in st:
-                ratio = float(st["prev_lr"]) / self._lr(i)  # λ_k / λ_{k-1}
-                u.append(gi - (self.rho * ratio) * st["prev_grad"])
+                c = self.rho * (float(st["prev_lr"]) / self._lr(i))  # ρ λ_k / λ_{k-1}
+                u.append(gi.sub(st["prev_grad"], alpha=c) if one_pass
+                         else gi - c * st["prev_grad"])
             else:
                 u.append(gi)
         return self.engine.solve(u, self._scales()), u
