@@ -49,3 +49,49 @@ def test_block_clip_of_a_direction_whose_squared_norm_overflows_float32():
     steps = opt._clipped_step(d, d)
     for i, s in enumerate(steps):  # RMS(s) = lr·2 exactly (every entry equal)
         torch.testing.assert_close(s, torch.full_like(s, -opt._lr(i) * 2.0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["kfac", "so", "q", "q-rank"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_kl_clip_is_the_finite_check_between_refreshes(name, bad, monkeypatch):
+    """Between refreshes no separate pass checks the gradients (``all_finite`` is not
+    called); a non-finite one is still found, by the KL clip's dot products, and the step is
+    skipped with the parameters and the optimizer state as they were."""
+    import copy
+    import warnings
+
+    import torch.nn.functional as F
+
+    import kldwrm
+    import kldwrm.optim.base as base
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    rule, kw = (name, {}) if name != "q-rank" else ("q", {"rank": 3})
+    opt = kldwrm.make_optimizer(rule, model, lr=0.05, update_freq=4, **kw)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+               for _ in range(3)]
+    calls = []
+    monkeypatch.setattr(base, "all_finite", lambda ts: calls.append(1) or True)
+    for x, y in batches[:2]:  # a refresh, then an ordinary step
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert len(calls) == 1  # the refresh's check only
+    monkeypatch.undo()
+    params = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    F.cross_entropy(model(batches[2][0]), batches[2][1]).backward()
+    model[2].weight.grad[1, 2] = bad
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]  # points at the caller's step()
+    assert opt.skipped_steps == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k])
+    after = opt.state_dict()
+    after["kldwrm"]["skipped_steps"] -= 1
+    torch.testing.assert_close(after, state, rtol=0, atol=0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,6 +47,19 @@ logger = logging.getLogger(__name__)
 
 #: (ea_scale e, fresh_scale f, damping γ) for one parameter group: the system e·F̄ + f·F + γI
 Scales = tuple[float, float, float]
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` from its caller up to the first frame outside
+    kldwrm and torch: the user's ``step()`` call, however deep the step found the cause."""
+    frame, level = sys._getframe(2), 2  # the frame that calls warn, at stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: source directories whose frames a warning skips (:func:`_caller_stacklevel`)
+_INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+
 
 def _label_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """The generator of the Monte-Carlo labels: one shared state on every rank (each rank
@@ -142,6 +157,11 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
 
+    #: whether a step between refreshes may leave its finite check to the KL clip's dot
+    #: products (:meth:`_begin_step`); a rule that evaluates the model in its step
+    #: (QE's inner solve) checks first
+    _finite_from_clip = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -212,6 +232,8 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
         self._clipped: list[Tensor] | None = None
         self._step_factors: list[float] = []
         self._left: dict[int, dict[str, Any]] = {}
+        #: this step's gradients when their finite check is left to the KL clip
+        self._unchecked: list[Tensor | None] | None = None
         self._warned_nonfinite = False
         self._warned_missing = False
         #: whether some parameter is in half precision (its gradient is widened to float32)
@@ -255,7 +277,10 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
         if begun is None:
             return loss
         g, refresh = begun
-        steps = self._with_momentum(self._compute_step(g, refresh))
+        clipped = self._compute_step(g, refresh)
+        if clipped is None:  # non-finite gradients, found by the KL clip: skipped
+            return loss
+        steps = self._with_momentum(clipped)
         self._apply(steps, self._left)
         left = set(self._left)
         self._end_step(g, steps, refresh)
@@ -303,7 +328,13 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
         grads = self._gradients()
         targets = self._refresh_targets(grads)
         refresh = targets is not None  # a scheduled refresh, or a catch-up (see _pending)
-        finite = all_finite([gr for gr in grads if gr is not None])
+        # between refreshes the KL clip's dot products see a non-finite gradient (it makes
+        # the direction and its dot with u non-finite) before anything changes: the check
+        # is left to them, a pass over the gradients and a host synchronisation fewer
+        late = (self._finite_from_clip and not refresh and self.kl_clip is not None
+                and self.engine.curvature != "adaptive")
+        finite = late or all_finite([gr for gr in grads if gr is not None])
+        self._unchecked = grads if late else None
         estimates = None
         if finite and refresh:
             estimates = self.engine.fresh_estimates(grads, targets)
@@ -345,6 +376,7 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
         self._restore_state(self._left)
         self._clipped = None
         self._left = {}
+        self._unchecked = None
         if refresh:
             self.engine.end_refresh()
         self.steps_taken += 1
@@ -379,7 +411,7 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
                 "and a block that never had data is left out of the step (no further "
                 "warnings)",
                 MissingCurvatureWarning,
-                stacklevel=6,
+                stacklevel=_caller_stacklevel(),
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -400,6 +432,19 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
             cap.gen_snapshot = None
         cap.clear()
 
+    def _gradients_finite(self) -> bool:
+        """Whether the gradients whose check :meth:`_begin_step` left to the KL clip are
+        finite (``True`` when they were checked there)."""
+        grads = self._unchecked
+        return grads is None or all_finite([gr for gr in grads if gr is not None])
+
+    def _abandon_step(self) -> None:
+        """A step found non-finite after :meth:`_begin_step` (by the KL clip): skipped as
+        :meth:`_skip` skips, its per-step values dropped (nothing else had changed)."""
+        self._left = {}
+        self._unchecked = None
+        self._skip()
+
     def _skip(self) -> None:
         """Leave parameters and state untouched; only the skip counter moves."""
         self.skipped_steps += 1
@@ -411,7 +456,7 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
                 "(parameters and optimizer state unchanged; further skips are counted in "
                 "optimizer.skipped_steps without warning)",
                 NonFiniteGradientWarning,
-                stacklevel=6,  # _skip, _begin_step, step, no_grad, torch's step hooks
+                stacklevel=_caller_stacklevel(),
             )
         logger.debug("skipped step %d (non-finite)", self.steps_taken)
 
@@ -447,8 +492,9 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
         is the parameter's ``p.grad``, which the next backward may overwrite in place."""
         return g_i.clone() if g_i is self._params[i].grad else g_i
 
-    def _compute_step(self, g: list[Tensor], refresh: bool) -> list[Tensor]:
-        """The step ``s = -lr·ν·c·d`` actually taken (DESIGN section 3, clipping)."""
+    def _compute_step(self, g: list[Tensor], refresh: bool) -> list[Tensor] | None:
+        """The step ``s = -lr·ν·c·d`` actually taken (DESIGN section 3, clipping); ``None``
+        when the KL clip found the gradients non-finite (the step is skipped)."""
         d, u = self._direction(g, refresh)
         return self._clipped_step(d, u)
 

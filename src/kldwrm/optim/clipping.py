@@ -35,14 +35,18 @@ def _scaled_square_norm(x: Tensor) -> float:
 class Clipping:
     """The clipped step and momentum of :class:`~kldwrm.optim.base.CurvatureOptimizer`."""
 
-    def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor]:
+    def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor] | None:
         """``−lr·ν·c_i·d_i`` per tensor (zero for the tensors a step leaves out), kept as
         ``_clipped`` with the factors in ``_step_factors`` (a rule's recursion may
-        recognise its own clipped step by identity)."""
+        recognise its own clipped step by identity); ``None`` when the step is skipped
+        (non-finite gradients, :meth:`_clip_factors`)."""
         lrs = [self._lr(i) for i in range(len(d))]
         for i in self._left:  # left-out tensors take no step, nor part in the KL clip
             lrs[i] = 0.0
         nu, cs = self._clip_factors(d, u, lrs)
+        if nu is None:
+            self._abandon_step()
+            return None
         self.last_kl_scale = nu
         #: per-tensor factor of the last step, ``s_i = factor_i · d_i``
         self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
@@ -52,10 +56,11 @@ class Clipping:
         return self._clipped
 
     def _clip_factors(self, d: Sequence[Tensor], u: Sequence[Tensor], lrs: list[float]
-                      ) -> tuple[float, list[float]]:
+                      ) -> tuple[float | None, list[float]]:
         """The KL clip's ``ν`` and each tensor's block-clip factor ``c_i`` (DESIGN section
         3), their reductions (``vᵀu``, and ``‖d_i‖²`` as a dot product, a third of a norm's
-        cost on CPU) read back in one host synchronisation."""
+        cost on CPU) read back in one host synchronisation. ``ν = None``: ``vᵀu`` is not
+        finite and neither are the gradients whose check was left to it."""
         parts = []
         if self.kl_clip is not None:
             dots = _dots(*self._kl_terms(d, u))
@@ -67,6 +72,8 @@ class Clipping:
         nu = 1.0
         if self.kl_clip is not None:
             vdotu = (lrs[0] * lrs[0] if len(set(lrs)) == 1 else 1.0) * vals.pop(0)
+            if not math.isfinite(vdotu) and not self._gradients_finite():
+                return None, []  # the step is skipped
             if vdotu != 0.0:
                 nu = min(1.0, math.sqrt(self.kl_clip / abs(vdotu)))
         cs = [1.0] * len(d)

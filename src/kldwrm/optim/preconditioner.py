@@ -165,6 +165,8 @@ class Preconditioner(Optimizer):
             return loss
         g, refresh = begun
         steps = rule._compute_step(g, refresh)
+        if steps is None:  # non-finite gradients, found by the KL clip: skipped
+            return loss
         measure = self._measure or adapt
         before = [v.detach().clone() for v in rule._values()] if measure else None
         self._write_directions(steps)

@@ -130,6 +130,10 @@ class QKLDWRM(CurvatureOptimizer):
         if self._in_eigenbasis():
             self._map_wake(self.engine.from_eigenbasis)
 
+    def _abandon_step(self) -> None:
+        self._step_vectors = None
+        super()._abandon_step()
+
     def _direction(self, g, refresh):
         if refresh or not self._in_eigenbasis():
             # F_k is not diagonal in the basis of F̄ (and with a rank there is no complete

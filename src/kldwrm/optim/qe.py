@@ -123,6 +123,9 @@ class QEKLDWRM(QKLDWRM):
         QE settings (ρ = 0.5, block_clip = 2.0, DESIGN section 4).
     """
 
+    #: the inner solve evaluates the model: the gradients are checked before it
+    _finite_from_clip = False
+
     def __init__(
         self,
         model: nn.Module,
