@@ -146,20 +146,34 @@ target has its CPU row (2 threads), measured or not, and one more per other devi
 
 ### Q with a rank (issue 25)
 
-Run 19 (quiet machine, nothing else running): `kfac-r128` 2.15x, `so-r128` 2.30x,
-`q-r128` 2.56x SGD; two more runs of the same command right after it (not stored;
-`python -m benchmarks.step_time --workload mlp --update-freq 30 --methods
-sgd,kfac-r128,so-r128,q-r128 --steps 210`): 2.14x / 2.24x / 2.53x and 2.14x / 2.29x /
-2.59x. Target 2.4x: met for K-FAC and SO, missed for Q (2.53-2.59x). Run 18, the same
-morning, before the column blocks and Q's one-pass `ĝ`: 2.26x / 2.35x / 2.76x; before any
-of this issue's changes, the same command the day before (not stored): 2.24x, 2.41x and
-3.59x. Measured by
+Run 22 (quiet machine, nothing else running): `kfac-r128` 2.07x, `so-r128` 2.18x,
+`q-r128` 2.40x SGD (mean over the 210 steps; per-round median 2.44x); three more runs of
+the same command right after it (not stored; `python -m benchmarks.step_time --workload
+mlp --update-freq 30 --methods sgd,kfac-r128,so-r128,q-r128 --steps 210`): 2.16x /
+2.23x / 2.44x, 2.13x / 2.20x / 2.45x and 2.13x / 2.21x / 2.46x. Target 2.4x: met for
+K-FAC and SO; **Q is at the target in run 22 only and 2-3% over it in the three repeats**,
+so it is not met on this machine. Run 19, that morning: 2.15x / 2.30x / 2.56x; run 18,
+before the column blocks: 2.26x / 2.35x / 2.76x; before any of this issue's changes (not
+stored): 2.24x, 2.41x and 3.59x. Measured by
 
 ```
 python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 \\
     --methods sgd,kfac-r128,so-r128,q-r128
 ```
 
+- **Run 22 against run 19.** Q's refresh solve runs its four `O(out · in · r)` products
+  and the compressions of the fresh factors in float32, with only the `r × r` core's CG
+  and inverses in float64, like the eigenbasis path's rotations (~27 ms less per refresh;
+  the full residual of a float32 solve on a 1024 × 1025 block, measured in float64
+  against its operator, is 4.4-4.9e-7 at damping 1e-1 and 1e-3, under DESIGN's 1e-6; the
+  test bounds the products' rounding). `Spectrum.left` computes `S·V` directly instead of
+  `right(Vᵀ)ᵀ`, whose transposed result the refresh wake's product read at a stride (that
+  product 23 -> 16 ms per refresh). Between refreshes the KL clip's dot products are the
+  finite check (a non-finite gradient makes `vᵀu` non-finite before anything changes):
+  one pass over the gradients and one host synchronisation fewer for every rule
+  (`_begin_step` 1.31 -> 0.85 ms); the clips' reductions are read back together, the
+  block clip's squared norms as dot products. With a rank, SO's `g − ρ g_prev` is one
+  pass per tensor (SO's direction 1.6 -> 0.9 ms over its solve).
 - **Column blocks (run 19, every rule with a rank).** A layer's weight and bias were
   joined into one `out × (in + 1)` matrix for the solve (`torch.cat`, a copy of the
   gradient) and the result split back into views, so that the weight came out
@@ -168,28 +182,21 @@ python -m benchmarks.run --stages step_time --workloads mlp --update-freqs 30 \\
   (`V U_A = W U_A[:in] + b U_A[in]`, `low_rank_inverse_columns`) and writes each result
   contiguous. With a rank, Q's `ĝ` is one pass per tensor and the wake is built in `ĝ`'s
   storage (the paper path keeps its two-pass rounding: its steps are hash-identical).
-- **What changed.** Q's refresh system `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` now truncates the
-  fresh factors in the averages' kept bases (`U (UᵀAU) Uᵀ + c (I − UUᵀ)`, the closest
-  matrix of that form), which makes the system separable into four invariant parts: three
-  in closed form and an `r × r` core solved by CG (docs/theory.md section 7). No randomized
-  decomposition of the fresh factors and no CG over the whole block remain. Between
-  refreshes the wake is one combination of `ĝ`, the direction and `g` (three passes over
-  the parameters instead of six; one-pass forms of `ĝ` and of SO's `g − ρ g_prev` change
-  the last bit of the paper-settings steps, so only the rank path uses the one-pass `ĝ`). The
-  randomized eigensolver (every rule's refresh) ran its products on one thread, like its
-  QRs; the products now use every thread (a warm rank-128 decomposition of a 1025 × 1025
-  factor: 8.9-10.2 ms before, 6.7 ms after).
-- **Where Q's time goes now** (run 19's rows: median against mean step): an ordinary
-  step 24.6 ms against K-FAC's 22.0 ms, ~2.6 ms for `ĝ`, the wake and the block clip's
-  norms, each a pass over the 1.9M parameters; the refresh ~58 ms more than K-FAC's
-  (profiled in a plain loop before run 19: the compressions of the fresh factors 15 ms,
-  the float64 solve 34 ms, the wake's product `(F̄ + γI) s` 17 ms). Q is ~0.4x over K-FAC,
-  which itself is at 2.15x: the target needs ~0.15x more.
-- **What would close it:** the refresh solve's `O(out · in · r)` products and the
-  compressions in float32 with only the `r × r` core in float64 (the residual guarantee
-  of `tests/curvature/kronecker/test_low_rank.py` would then need a float32 rounding
-  bound, not measured here), and a wake product on refresh steps from the solve's own
-  projections.
+- **The refresh system.** Q's `e Ā_r⊗Γ̄_r + f A_r⊗Γ_r + γI` truncates the fresh factors
+  in the averages' kept bases (`U (UᵀAU) Uᵀ + c (I − UUᵀ)`, the closest matrix of that
+  form), which makes the system separable into four invariant parts: three in closed form
+  and an `r × r` core solved by CG (two iterations here; docs/theory.md section 7). No
+  randomized decomposition of the fresh factors and no CG over the whole block remain.
+  Between refreshes the wake is one combination of `ĝ`, the direction and `g`.
+- **Where Q's time goes now** (timed in a plain loop after run 22): an ordinary step
+  costs ~2.2 ms more than K-FAC's, `ĝ` (0.8 ms) and the wake (1.3 ms), four passes over
+  the 1.9M parameters, each memory-bound, and the block clip's dot products (0.2 ms); a
+  refresh ~40 ms more (the compressions and the refresh solve ~25 ms against K-FAC's
+  12 ms solve, the wake's product `(F̄ + γI) s` 16 ms).
+- **What would close it** (estimated, not built): the refresh wake's product from the
+  solve's own projections (`(F̄ + γI) X = V − f·F_r X`, two products of `out · in · r`
+  instead of four, ~0.3 ms a step), and a wake stored with its scale (two passes instead
+  of three, ~0.3 ms a step).
 - **Accuracy against rank, Q** (MNIST MLP, batch 256, 2 epochs, seed 0, paper settings;
   `python -m benchmarks.rank_tradeoff --optimizer q --ranks 32,64,128 --epochs 2`, output
   in `docs/results/rank_tradeoff_q_2epochs_seed0.txt`): exact Q 97.49% in 39.8 s; rank 32
@@ -248,7 +255,13 @@ study paused, load average ~2 from the benchmark itself).
   the rule, whose eager operators cost ~1 ms (one fused `_foreach_norm` finite check
   measured only ~20 µs faster than the per-tensor sums, so it was not adopted). 1.05x
   on this CPU needs the step's operators compiled or fused into far fewer kernels, not
-  trimmed one by one.
+  trimmed one by one. Run 23 (the KL clip as the finite check between refreshes, the
+  clips' reductions in one host synchronisation): 1.13x / 1.14x / 1.17x, unchanged within
+  noise (one unstored repeat just before: 1.11x / 1.14x / 1.16x). Timed in a plain loop
+  after it: a K-FAC refresh step costs ~30 ms more than SGD's (the fresh factors ~20 ms,
+  the fold and the eight `eigh` ~3.4 ms, the rest in the hooked forward and the
+  sampled-label backward), 1 ms a step at N_u 30, and an ordinary step ~0.7 ms more:
+  together the 10-13% above.
 - **Residual CNN: missed (1.06x, 1.08x, 1.08x).** Between refreshes the K-FAC step costs
   what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
   ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
