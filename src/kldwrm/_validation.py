@@ -1,8 +1,13 @@
-"""Argument checks shared by every optimizer: each error names the argument and its range."""
+"""Argument checks shared by every optimizer: each error names the argument and its range;
+and where a warning points (:func:`caller_stacklevel`)."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+
+import torch
 
 
 def check_positive(name: str, value: float) -> float:
@@ -54,3 +59,16 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def caller_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` from its caller up to the first frame outside
+    kldwrm and torch: the user's ``step()`` call, however deep the step found the cause."""
+    frame, level = sys._getframe(2), 2  # the frame that calls warn, at stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: source directories whose frames a warning skips (:func:`caller_stacklevel`)
+_INTERNAL = (os.path.dirname(__file__), os.path.dirname(torch.__file__))

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._validation import (
+    caller_stacklevel,
     check_nonnegative,
     check_positive,
     check_unit_interval,
@@ -47,19 +46,6 @@ logger = logging.getLogger(__name__)
 
 #: (ea_scale e, fresh_scale f, damping γ) for one parameter group: the system e·F̄ + f·F + γI
 Scales = tuple[float, float, float]
-
-def _caller_stacklevel() -> int:
-    """``warnings.warn``'s ``stacklevel`` from its caller up to the first frame outside
-    kldwrm and torch: the user's ``step()`` call, however deep the step found the cause."""
-    frame, level = sys._getframe(2), 2  # the frame that calls warn, at stacklevel 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-#: source directories whose frames a warning skips (:func:`_caller_stacklevel`)
-_INTERNAL = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
-
 
 def _label_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """The generator of the Monte-Carlo labels: one shared state on every rank (each rank
@@ -156,11 +142,6 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
         seed: seed of the generator used to sample Fisher labels (default derived from
             ``torch.initial_seed()``); its state is saved in :meth:`state_dict`.
     """
-
-    #: whether a step between refreshes may leave its finite check to the KL clip's dot
-    #: products (:meth:`_begin_step`); a rule that evaluates the model in its step
-    #: (QE's inner solve) checks first
-    _finite_from_clip = True
 
     def __init__(
         self,
@@ -411,7 +392,7 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
                 "and a block that never had data is left out of the step (no further "
                 "warnings)",
                 MissingCurvatureWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -432,19 +413,6 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
             cap.gen_snapshot = None
         cap.clear()
 
-    def _gradients_finite(self) -> bool:
-        """Whether the gradients whose check :meth:`_begin_step` left to the KL clip are
-        finite (``True`` when they were checked there)."""
-        grads = self._unchecked
-        return grads is None or all_finite([gr for gr in grads if gr is not None])
-
-    def _abandon_step(self) -> None:
-        """A step found non-finite after :meth:`_begin_step` (by the KL clip): skipped as
-        :meth:`_skip` skips, its per-step values dropped (nothing else had changed)."""
-        self._left = {}
-        self._unchecked = None
-        self._skip()
-
     def _skip(self) -> None:
         """Leave parameters and state untouched; only the skip counter moves."""
         self.skipped_steps += 1
@@ -456,7 +424,7 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
                 "(parameters and optimizer state unchanged; further skips are counted in "
                 "optimizer.skipped_steps without warning)",
                 NonFiniteGradientWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
         logger.debug("skipped step %d (non-finite)", self.steps_taken)
 

@@ -1,6 +1,7 @@
 """The step a rule's direction becomes (DESIGN section 3): ``s = −lr·ν·c·d``, with the KL
 clip's ``ν`` over the whole step and each tensor's block-clip factor ``c``, then heavy-ball
-momentum. Their reductions are read back in one host synchronisation.
+momentum. Their reductions are read back in one host synchronisation, and between
+refreshes they are the step's finite check (:meth:`Clipping._gradients_finite`).
 
 :class:`Clipping` is a mixin of :class:`~kldwrm.optim.base.CurvatureOptimizer`: it reads
 the optimizer's ``kl_clip``, ``block_clip``, learning rates (``_lr``), the tensors a step
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from ..curvature.linalg import all_finite
 
 
 def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -34,6 +37,24 @@ def _scaled_square_norm(x: Tensor) -> float:
 
 class Clipping:
     """The clipped step and momentum of :class:`~kldwrm.optim.base.CurvatureOptimizer`."""
+
+    #: whether a step between refreshes may leave its finite check to the KL clip's dot
+    #: products (:meth:`_begin_step`); a rule that evaluates the model in its step
+    #: (QE's inner solve) checks first
+    _finite_from_clip = True
+
+    def _gradients_finite(self) -> bool:
+        """Whether the gradients whose check :meth:`_begin_step` left to the KL clip are
+        finite (``True`` when they were checked there)."""
+        grads = self._unchecked
+        return grads is None or all_finite([gr for gr in grads if gr is not None])
+
+    def _abandon_step(self) -> None:
+        """A step found non-finite after :meth:`_begin_step` (by the KL clip): skipped as
+        :meth:`_skip` skips, its per-step values dropped (nothing else had changed)."""
+        self._left = {}
+        self._unchecked = None
+        self._skip()
 
     def _clipped_step(self, d: Sequence[Tensor], u: Sequence[Tensor]) -> list[Tensor] | None:
         """``−lr·ν·c_i·d_i`` per tensor (zero for the tensors a step leaves out), kept as
