@@ -83,16 +83,17 @@ class Clipping:
         cost on CPU) read back in one host synchronisation. ``ν = None``: ``vᵀu`` is not
         finite and neither are the gradients whose check was left to it."""
         parts = []
+        alike = len(set(lrs)) == 1
         if self.kl_clip is not None:
             dots = _dots(*self._kl_terms(d, u))
-            parts.append((dots.sum() if len(set(lrs)) == 1 else
+            parts.append((dots.sum() if alike else
                           (dots * dots.new_tensor([lr * lr for lr in lrs])).sum()).reshape(1))
         if self.block_clip is not None:
             parts.append(_dots(d, d))
         vals = torch.cat(parts).tolist() if parts else []
         nu = 1.0
         if self.kl_clip is not None:
-            vdotu = (lrs[0] * lrs[0] if len(set(lrs)) == 1 else 1.0) * vals.pop(0)
+            vdotu = (lrs[0] * lrs[0] if alike else 1.0) * vals.pop(0)
             if not math.isfinite(vdotu) and not self._gradients_finite():
                 return None, []  # the step is skipped
             if vdotu != 0.0:
