@@ -27,8 +27,10 @@ def test_clipped_step_equals_its_formulas(left):
     d = [torch.randn(p.shape, generator=gen) * (i + 1) for i, p in enumerate(params)]
     u = [torch.randn(p.shape, generator=gen) for p in params]
     opt._left = {i: {} for i in left}
-    opt._step_vectors = (None, u, None, d)  # Q's KL terms: the direction and ĝ
-    steps = opt._clipped_step(d, u)
+    opt._step_vectors = (None, u, None)  # Q's KL terms: the direction and ĝ
+    own = [di.clone() for di in d]  # the rule's own direction: scaled in place
+    steps = opt._clipped_step(own, u)
+    assert all(si is oi for si, oi in zip(steps, own, strict=True))
     lrs = [0.0 if i in left else opt._lr(i) for i in range(len(params))]
     vdotu = sum(lr * lr * float((di.double() * ui.double()).sum())
                 for lr, di, ui in zip(lrs, d, u, strict=True))
@@ -46,7 +48,7 @@ def test_block_clip_of_a_direction_whose_squared_norm_overflows_float32():
     opt, params = _opt(kl_clip=None, block_clip=2.0)
     d = [torch.full(p.shape, 1e25) for p in params]  # ‖d‖² = numel·1e50 > float32's max
     assert not math.isfinite(float(torch.dot(d[0].reshape(-1), d[0].reshape(-1))))
-    steps = opt._clipped_step(d, d)
+    steps = opt._clipped_step([di.clone() for di in d], d)
     for i, s in enumerate(steps):  # RMS(s) = lr·2 exactly (every entry equal)
         torch.testing.assert_close(s, torch.full_like(s, -opt._lr(i) * 2.0), rtol=1e-6, atol=0)
 

@@ -235,17 +235,21 @@ def test_between_refreshes_q_uses_the_existing_eigenbasis(small_mnist, monkeypat
 
 
 @pytest.mark.parametrize("block_clip", [None, 0.05])
+@pytest.mark.parametrize("norm", [False, True], ids=["kronecker", "with-layernorm"])
 def test_q_wake_kept_in_the_eigenbasis_follows_eq30_in_parameter_coordinates(
-    small_mnist, block_clip
+    small_mnist, block_clip, norm
 ):
     """The stored wake, rotated back, is ĝ_k - g_k + λ_k(F̄_k + γI)s_k of eq. 30.
 
     Every term is recomputed here in parameter coordinates from the measured step, the
     gradient and dense Kronecker products, over refresh and in-between steps, a changing
-    lr, and (``block_clip=0.05``) weight and bias of a layer clipped by different factors.
+    lr, and (``block_clip=0.05``) weight and bias of a layer clipped by different factors;
+    ``norm``: with a LayerNorm, whose two diagonal blocks are their own eigenbasis.
     """
     x, y = small_mnist
     model = _kron_mlp()
+    if norm:
+        model.insert(1, nn.LayerNorm(12).double())
     params = list(model.parameters())
     opt = QKLDWRM(model, lr=0.1, update_freq=3, kl_clip=0.01, block_clip=block_clip)
     lr_prev = mixed = 0
@@ -266,14 +270,18 @@ def test_q_wake_kept_in_the_eigenbasis_follows_eq30_in_parameter_coordinates(
         s = [p.detach() - b for p, b in zip(params, before, strict=True)]
         if block_clip is not None:
             f = opt._step_factors
-            mixed += sum(f[i] != f[i + 1] for i in (0, 2))
-        expected = []
+            mixed += sum(f[i] != f[i + 1] for i in (0, len(f) - 2))
+        fs = {}  # (F̄ + γI) s, tensor by tensor
         for b, slot in zip(opt.engine.blocks, opt.engine.slots, strict=True):
+            if len(slot) == 1:  # a diagonal block
+                fs[slot[0]] = (b.F_bar + DAMPING) * s[slot[0]]
+                continue
             M = torch.kron(b.A_bar, b.G_bar) + DAMPING * torch.eye(
                 b.A_bar.shape[0] * b.G_bar.shape[0], dtype=torch.float64)
             S = torch.cat([s[slot[0]], s[slot[1]][:, None]], 1).T.reshape(-1)
             FS = (M @ S).reshape(-1, S.numel() // b.A_bar.shape[0]).T
-            expected += [FS[:, :-1], FS[:, -1]]
+            fs[slot[0]], fs[slot[1]] = FS[:, :-1], FS[:, -1]
+        expected = [fs[i] for i in range(len(params))]
         expected = [gh - gi + fs / lr for gh, gi, fs in zip(ghat, g, expected, strict=True)]
         got = opt.engine.from_eigenbasis([opt.state[p]["wake"] for p in params])
         for a, e in zip(got, expected, strict=True):

@@ -118,12 +118,13 @@ class DiagonalBlock(Block):
     def matvec(self, vecs, damping, ea_scale=1.0, fresh_scale=0.0):
         return [vecs[0] * self._diag(damping, ea_scale, fresh_scale)]
 
-    # the standard basis is the eigenbasis of a diagonal matrix
+    # the standard basis is the eigenbasis of a diagonal matrix (copies: the engine's
+    # results are the caller's own, see CurvatureEngine._map_blocks)
     def to_eigenbasis(self, vecs):
-        return [vecs[0]]
+        return [vecs[0].clone()]
 
     def from_eigenbasis(self, coords):
-        return [coords[0]]
+        return [coords[0].clone()]
 
     def eigenvalues(self, ea_scale, damping):
         self._check_ready()

@@ -289,16 +289,24 @@ class CurvatureEngine:
         vecs: Sequence[Tensor] | None,
         blocks: Sequence[int] | None = None,
     ) -> list[Tensor]:
-        """``fn(block, its slice of vecs)`` over ``blocks`` (default: every block that has
-        curvature), reassembled into a flat parameter-ordered list; the tensors of the other
-        blocks pass through unchanged (ones when ``vecs`` is None)."""
-        if blocks is None:
-            blocks = [i for i, b in enumerate(self.blocks) if b.initialized]
+        """``fn(block, its slice of vecs)`` over ``blocks``, reassembled into a flat
+        parameter-ordered list (ones for the others when ``vecs`` is None).
+
+        By default ``blocks`` is every block that has curvature, and the result is the
+        caller's own: no tensor shares storage with ``vecs`` (the tensors of a block
+        without curvature, the identity's, are copies), so a step rule may scale it in
+        place. With ``blocks`` given, the other tensors pass through unchanged (the
+        caller reads only those blocks' entries)."""
         if vecs is None:
             out: list[Tensor] = [torch.ones(p.shape, dtype=_wide(p), device=p.device)
                                  for p in self.params]
         else:
             out = list(vecs)
+        if blocks is None:
+            blocks = [i for i, b in enumerate(self.blocks) if b.initialized]
+            if vecs is not None:
+                mapped = {i for bi in blocks for i in self.slots[bi]}
+                out = [v if i in mapped else v.clone() for i, v in enumerate(out)]
         owners = self.owners()
         for bi in blocks:
             slot = self.slots[bi]

@@ -472,7 +472,10 @@ class CurvatureOptimizer(Persistent, Membership, Clipping, Optimizer):
 
     # -- what a step rule defines -----------------------------------------------------------
     def _direction(self, g: list[Tensor], refresh: bool) -> tuple[list[Tensor], list[Tensor]]:
-        """Return ``(d, u)``: the preconditioned direction and the vector preconditioned."""
+        """Return ``(d, u)``: the preconditioned direction and the vector preconditioned.
+
+        ``d`` must be new tensors (as the engine's products are): the clip scales them in
+        place into the step (:meth:`_clipped_step`)."""
         raise NotImplementedError
 
     def _after_step(self, g: list[Tensor], steps: list[Tensor], refresh: bool) -> None:

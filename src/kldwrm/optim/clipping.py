@@ -60,7 +60,11 @@ class Clipping:
         """``−lr·ν·c_i·d_i`` per tensor (zero for the tensors a step leaves out), kept as
         ``_clipped`` with the factors in ``_step_factors`` (a rule's recursion may
         recognise its own clipped step by identity); ``None`` when the step is skipped
-        (non-finite gradients, :meth:`_clip_factors`)."""
+        (non-finite gradients, :meth:`_clip_factors`).
+
+        ``d`` is the rule's own (the engine's products return new tensors), so it is
+        scaled in place: ``_clipped`` holds ``d``'s tensors, and a fresh full-size
+        allocation per tensor is saved (~3% of a rank-128 MLP step)."""
         lrs = [self._lr(i) for i in range(len(d))]
         for i in self._left:  # left-out tensors take no step, nor part in the KL clip
             lrs[i] = 0.0
@@ -73,7 +77,8 @@ class Clipping:
         self._step_factors = [-lr * nu * c for lr, c in zip(lrs, cs, strict=True)]
         # one scalar when the factors are alike: no per-tensor scalar-to-tensor conversions
         f = self._step_factors  # (never empty: a model without parameters is refused)
-        self._clipped = torch._foreach_mul(list(d), f[0] if len(set(f)) == 1 else f)
+        self._clipped = list(d)
+        torch._foreach_mul_(self._clipped, f[0] if len(set(f)) == 1 else f)
         return self._clipped
 
     def _clip_factors(self, d: Sequence[Tensor], u: Sequence[Tensor], lrs: list[float]

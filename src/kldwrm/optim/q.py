@@ -74,11 +74,11 @@ class QKLDWRM(CurvatureOptimizer):
             raise ValueError("damping_split='pi' needs q_solve='exact' (the augmented system "
                              "of the released code has its own damping)")
         super().__init__(model, lr=lr, rho=rho, block_clip=block_clip, **kwargs)
-        # (g, ĝ, x, d) of the current step: in parameter coordinates with x = None and d the
-        # direction (refresh steps, and every step with a rank), or in the eigenbasis of F̄
-        # with x the direction there and d = None
-        self._step_vectors: tuple[list[Tensor], list[Tensor], list[Tensor] | None,
-                                  list[Tensor] | None] | None = None
+        # (g, ĝ, x) of the current step: in parameter coordinates with x = None (refresh
+        # steps, and every step with a rank), or in the eigenbasis of F̄ with x the
+        # direction there
+        self._step_vectors: tuple[list[Tensor], list[Tensor], list[Tensor] | None] | None \
+            = None
 
     def _ghat(self, g, wake):
         """``ĝ_k = g_k + ρ (λ_k/λ_{k-1}) · wake`` (eq. 30 with variable λ), in ``g``'s basis;
@@ -140,17 +140,17 @@ class QKLDWRM(CurvatureOptimizer):
             # basis): parameter coordinates
             ghat = self._ghat(g, self._wake())
             d = self.engine.solve(ghat, self._system(refresh), self.q_solve)
-            self._step_vectors = (g, ghat, None, d)
+            self._step_vectors = (g, ghat, None)
             return d, ghat
         # between refreshes: everything in the eigenbasis of F̄, where the system is diagonal
         g_t = self.engine.to_eigenbasis(g)
         ghat_t = self._ghat(g_t, self._wake())
         x_t = torch._foreach_div(ghat_t, self.engine.eigenvalues(self._system(refresh)))
-        self._step_vectors = (g_t, ghat_t, x_t, None)
+        self._step_vectors = (g_t, ghat_t, x_t)
         return self.engine.from_eigenbasis(x_t), None
 
     def _kl_terms(self, d, u):
-        _, ghat, x, _ = self._step_vectors
+        _, ghat, x = self._step_vectors
         if x is not None:  # dᵀĝ, with both in the (orthonormal) eigenbasis
             return x, ghat
         return d, u
@@ -158,11 +158,11 @@ class QKLDWRM(CurvatureOptimizer):
     def _after_step(self, g, steps, refresh):
         """``wake = ĝ_k - g_k + λ_k (F̄_k + γI) s_k``, stored in the eigenbasis of ``F̄_k``."""
         lrs = [self._lr(i) for i in range(len(self._params))]
-        g_b, ghat_b, x_t, d = self._step_vectors  # in the basis they were computed in
+        g_b, ghat_b, x_t = self._step_vectors  # in the basis they were computed in
         self._step_vectors = None
         if x_t is None and not refresh and steps is self._clipped \
                 and self.engine.damping_split == "tikhonov":
-            wake = self._wake_from_direction(g_b, ghat_b, d, steps, lrs)
+            wake = self._wake_from_direction(g_b, ghat_b, steps, lrs)
         else:
             if x_t is None:
                 fs = self.engine.matvec(steps, self._scales())
@@ -179,26 +179,27 @@ class QKLDWRM(CurvatureOptimizer):
             st["wake"] = w
             st["prev_lr"] = lr
 
-    def _wake_from_direction(self, g, ghat, d, steps, lrs):
+    def _wake_from_direction(self, g, ghat, steps, lrs):
         """The wake between refreshes without a product: ``d`` solved ``(e F̄ + γI) d = ĝ``
         with ``e = 1 + b/λ``, so ``(F̄ + γI) d = ĝ/e + γ (1 − 1/e) d`` and, with
-        ``s = factor · d`` tensor by tensor, ``wake = ĝ − g + λ (F̄ + γI) s`` is one
-        combination of ``ĝ``, ``d`` and ``g`` (three passes over the parameters). A block
-        whose tensors were scaled by different factors (the block clip) takes the product."""
+        ``s = factor · d`` tensor by tensor, ``wake = ĝ − g + λ (F̄ + γI) s =
+        (1 + λ·factor/e) ĝ + λγ(1 − 1/e) s − g``, one combination of ``ĝ``, ``s`` and
+        ``g`` (three passes over the parameters). A block whose tensors were scaled by
+        different factors (the block clip) takes the product."""
         f = self._step_factors
         scales = self._system(False)
 
         def shortcut(skip: set[int]) -> list[Tensor | None]:
             # reuses ĝ's storage (it is not needed after the step)
             wake: list[Tensor | None] = []
-            for i, (gi, hi, di) in enumerate(zip(g, ghat, d, strict=True)):
+            for i, (gi, hi, si) in enumerate(zip(g, ghat, steps, strict=True)):
                 if i in skip:
                     wake.append(None)
                     continue
                 e, _, damping = scales[self._group_of[i]]
                 a = 1.0 + f[i] / (e * lrs[i])
                 w = hi.mul(a) if hi is gi else hi.mul_(a)
-                wake.append(w.add_(di, alpha=f[i] * damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi))
+                wake.append(w.add_(si, alpha=damping * (1.0 - 1.0 / e) / lrs[i]).sub_(gi))
             return wake
 
         def exact(blocks):
