@@ -1,4 +1,5 @@
-"""The full-history reference solvers against the paper's propositions (all float64).
+"""The full-history reference solvers (``kldwrm.reference.solvers``) against the paper's
+propositions (all float64).
 
 The closed forms / recursions below are written independently of ``kldwrm.reference`` (EA by
 recursion, ĝ by recursion), and the stationarity checks differentiate the literal objectives
@@ -14,80 +15,15 @@ import torch
 
 from kldwrm.reference import (
     WakeSolution,
-    exponential_average,
     fisher_woqm,
-    flatten,
-    kappa,
     kl_clip_factor,
     q_kldwrm,
     so_kldwrm,
-    unflatten,
     woqm,
     woqm_lambdas,
 )
 
-N = 12  # parameters
-K = 30  # steps
-NU = 4  # refresh period of eq. 20
-RHO = 0.6
-GAMMA = 1e-2
-TOL = 1e-10
-
-DT = torch.float64
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def _spd(gen: torch.Generator, n: int = N, lo: float = 0.5, hi: float = 3.0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
-    eig = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=DT)
-    return (q * eig) @ q.T
-
-
-def _ea_recursive(mats: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """EA of eq. 12/18 by its recursion, seeded with the first matrix (DESIGN section 3)."""
-    out = [mats[0].clone()]
-    for m in mats[1:]:
-        out.append(rho * out[-1] + (1 - rho) * m)
-    return out
-
-
-def _eq20(fresh: list[torch.Tensor], rho: float, nu: int) -> list[torch.Tensor]:
-    """B_k of eq. 20: the fresh estimate on refresh steps, the current EA B̄_q in between."""
-    mats: list[torch.Tensor] = []
-    ea: torch.Tensor | None = None
-    for k, f in enumerate(fresh):
-        if k % nu == 0:
-            mats.append(f)
-            ea = f.clone() if ea is None else rho * ea + (1 - rho) * f
-        else:
-            assert ea is not None
-            mats.append(ea.clone())
-    return mats
-
-
-@pytest.fixture(scope="module")
-def run() -> dict:
-    gen = torch.Generator().manual_seed(1234)
-    grads = [torch.randn(N, generator=gen, dtype=DT) for _ in range(K)]
-    fresh_f = [_spd(gen) for _ in range(K)]
-    fresh_b = [_spd(gen, lo=0.2, hi=2.0) for _ in range(K)]
-    eye = torch.eye(N, dtype=DT)
-    # the Fisher of the wake: damped, eq. 20; B for Q: undamped, eq. 20 (DESIGN section 3)
-    fishers = _eq20([f + GAMMA * eye for f in fresh_f], RHO, NU)
-    b_same = _eq20(fresh_f, RHO, NU)  # B_k := F_k (undamped), as in the paper's experiments
-    b_other = _eq20(fresh_b, RHO, NU)  # a B with a different structure
-    lams = [2.0 if k < 10 else (5.0 if k < 20 else 1.5) for k in range(K)]  # λ changed mid-run
-    return {
-        "grads": grads,
-        "fishers": fishers,
-        "b_same": b_same,
-        "b_other": b_other,
-        "lams": lams,
-    }
-
+from .helpers import DT, RHO, TOL, K, N, _ea_recursive, _rel
 
 # --------------------------------------------------------------------------------------------
 # helpers: the propositions, written independently
@@ -142,19 +78,6 @@ def _literal_objective(kind, k, s, grads, fishers, curvatures, lams, rho, anchor
 # --------------------------------------------------------------------------------------------
 # propositions
 # --------------------------------------------------------------------------------------------
-
-
-def test_eq20_gives_the_factor_ea(run):
-    """Eq. 20 makes the wake's EA constant between refreshes and ρ-averaged at refreshes."""
-    fbar = exponential_average(run["fishers"], RHO)  # literal sums
-    for k in range(1, K):
-        if k % NU:
-            assert _rel(fbar[k], fbar[k - 1]) < 1e-13
-        else:
-            expected = RHO * fbar[k - 1] + (1 - RHO) * run["fishers"][k]
-            assert _rel(fbar[k], expected) < 1e-13
-    for a, b in zip(fbar, _ea_recursive(run["fishers"], RHO), strict=True):
-        assert _rel(a, b) < 1e-13
 
 
 @pytest.mark.parametrize("which", ["b_same", "b_other"])
@@ -309,31 +232,6 @@ def test_returned_steps_zero_the_literal_gradient(run, kind):
 # helpers and validation
 # --------------------------------------------------------------------------------------------
 
-
-def test_flatten_unflatten_roundtrip():
-    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 1, 3)]
-    flat = flatten(tensors)
-    assert flat.shape == (12 + 5 + 6,)
-    back = unflatten(flat, tensors)
-    assert all(torch.equal(a, b) for a, b in zip(tensors, back, strict=True))
-    back2 = unflatten(flat, [t.shape for t in tensors])
-    assert all(torch.equal(a, b) for a, b in zip(tensors, back2, strict=True))
-    with pytest.raises(ValueError, match="vector"):
-        unflatten(flat[:-1], tensors)
-    with pytest.raises(ValueError, match="tensors"):
-        flatten([])
-
-
-def test_kappa_and_lambdas():
-    assert kappa(0, 0.3) == 1.0 and kappa(5, 0.3) == pytest.approx(0.7)
-    assert woqm_lambdas(2.0, 3, 0.25) == [2.0, 1.5, 1.5]
-
-
-def test_kl_clip_factor():
-    s, u = torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 3.0])  # lr = 0.5: d = (2, 0), d·u = 4
-    assert kl_clip_factor(s, u, 0.5, 0.1) == pytest.approx(math.sqrt(0.1 / (0.25 * 4)))
-    assert kl_clip_factor(s, u, 0.5, 10.0) == 1.0
-    assert kl_clip_factor(torch.zeros(2), u, 0.5, 0.1) == 1.0
 
 
 def test_validation(run):
