@@ -304,7 +304,8 @@ class CurvatureEngine:
             out = list(vecs)
         if blocks is None:
             blocks = [i for i, b in enumerate(self.blocks) if b.initialized]
-            if vecs is not None:
+            if vecs is not None and len(blocks) < len(self.blocks):  # (every tensor has
+                # a block, so only a block without curvature passes its tensors through)
                 mapped = {i for bi in blocks for i in self.slots[bi]}
                 out = [v if i in mapped else v.clone() for i, v in enumerate(out)]
         owners = self.owners()
