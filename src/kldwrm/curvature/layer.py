@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import FactoredBlock
-from .statistics import conv_column_blocks, gram
+from .statistics import conv_column_blocks, conv_gram, gram, summed
 
 #: how a layer's bias enters the curvature (DESIGN section 1)
 BIAS_MODES = ("homogeneous", "separate")
@@ -109,8 +109,12 @@ class KroneckerBlock(FactoredBlock):
             total = gram((cols, 1.0) for x in means for cols in self._column_blocks(x, None))
             n = sum(x.shape[0] for x in means)
             return total.div_(n), float(n)
-        total = gram((cols, 1.0) for x, call in pairs
-                     for cols in self._column_blocks(x, self._rows(capture, x, call)))
+        if isinstance(self.module, _ConvNd):
+            total = summed(conv_gram(x.to(self.dtype), self.module, self.has_bias)
+                            for x, _ in pairs)
+        else:
+            total = gram((cols, 1.0) for x, call in pairs
+                         for cols in self._column_blocks(x, self._rows(capture, x, call)))
         n = sum(capture.examples[call] for _, call in pairs)
         return total.div_(n), float(n)
 
