@@ -250,7 +250,7 @@ study paused, load average ~2 from the benchmark itself).
 - **Rank against accuracy.** Ranks 64 and 128 end two epochs at exact K-FAC's accuracy
   (97.70% against 97.68%, one seed) in 0.28-0.31 of its training time; rank 16 loses 0.2
   points; rank 256 is slower than 128 for no gain.
-- **Paper CNN: missed (K-FAC 1.12x, SO 1.12x, Q 1.14x against 1.05x).** A plain step costs
+- **Paper CNN: missed (K-FAC 1.08x, SO 1.09x, Q 1.13x against 1.05x, run 27).** A plain step costs
   ~1.2 ms more than SGD's (26.8 against 25.5 ms median; the four blocks' solves, the KL
   clip's dot products and one host synchronisation each for the finite check and the clip,
   ~40 small operations whose dispatch dominates on these 5x26 to 30x113 matrices), and a
@@ -282,6 +282,21 @@ study paused, load average ~2 from the benchmark itself).
   sampled-label backward), 1 ms a step at N_u 30, and an ordinary step ~0.7 ms more:
   together the 10-13% above. Run 26 (after the in-place clip, which on these 4,712
   parameters saves only a few operators): 1.12x / 1.13x / 1.17x, unchanged.
+  Run 27 (a 2-D convolution's `A` from products of whole image rows,
+  `curvature/statistics.py::conv_gram`, when that takes fewer multiply-adds than the
+  patches: the same sum in another order, 5x fewer operations on these 5x5 kernels):
+  1.08x / 1.09x / 1.13x (an unstored run just before: 1.08x / 1.10x / 1.14x). The two
+  input Grams went from 15.9 to 3.3 ms and a K-FAC refresh step from 49.6 to 28.2 ms,
+  ~10 ms over an ordinary one (0.33 ms a step at N_u 30), so the "exact refresh floor"
+  above was the patches', not KFC's. What is left is the ordinary step, ~0.75 ms over
+  SGD's. Its operators run 2-3x slower right after the backward than in a loop: the
+  solve of the four blocks takes 446 µs as the step runs it and 191 µs when repeated at
+  once (each `reshape` 7 against 1.6 µs), with `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT` and
+  glibc's `MALLOC_*` settings changing nothing, so it is cold caches, paid per operator
+  and per line of Python. Measured and not adopted: the four blocks' rotations stacked
+  into zero-padded `bmm` (219 against 170 µs in a loop: padding to 30x126 quadruples the
+  largest block's arithmetic, which is not dispatch-bound), and the solve under
+  `torch.compile` (20 s to compile, 611 against 499 µs in the step).
 - **Residual CNN: missed (1.06x, 1.08x, 1.08x).** Between refreshes the K-FAC step costs
   what SGD's does (median 160.2 against 159.5 ms); the whole overhead is the refresh,
   ~370 ms: the `A` factors of the 3x3 convolutions with 16-64 channels are Gram products of
