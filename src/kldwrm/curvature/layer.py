@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import FactoredBlock
-from .statistics import conv_column_blocks, conv_gram, gram, summed
+from .statistics import conv_gram, gram
 
 #: how a layer's bias enters the curvature (DESIGN section 1)
 BIAS_MODES = ("homogeneous", "separate")
@@ -52,20 +52,15 @@ class KroneckerBlock(FactoredBlock):
 
     # -- statistics -------------------------------------------------------------------
     def _column_blocks(self, x: Tensor, rows: Tensor | None) -> Iterator[Tensor]:
-        """Layer input → blocks of ``X̄ᵀ``: one column per row ``ā = [a, 1]`` of eq. 11
-        (im2col for convolutions), with the homogeneous row of ones when the bias is in
-        the block, so that one Gram product gives ``Σ ā āᵀ`` whole.
+        """A linear layer's input → ``X̄ᵀ``: one column per row ``ā = [a, 1]`` of eq. 11,
+        with the homogeneous row of ones when the bias is in the block, so that one Gram
+        product gives ``Σ ā āᵀ`` whole (a convolution's is :func:`.statistics.conv_gram`).
 
-        ``rows``: the rows to keep (a linear layer's positions that are counted examples).
-        A convolution's patches are copied a few examples at a time into a buffer of about
-        2 MB that stays in cache while its Gram product reads it (each copy moves runs of a
-        whole output row); the layout is feature-major, ``(in_features [+1], rows)``, with
-        the long dimension inside the product, where matmul is fastest.
+        ``rows``: the rows to keep (the positions that are counted examples). The layout is
+        feature-major, ``(in_features [+1], rows)``, with the long dimension inside the
+        product, where matmul is fastest.
         """
         x = x.to(self.dtype)
-        if isinstance(self.module, _ConvNd):
-            yield from conv_column_blocks(x, self.module, self.has_bias)
-            return
         cols = x.reshape(-1, x.shape[-1])
         if rows is not None:
             cols = cols[rows]
@@ -110,8 +105,8 @@ class KroneckerBlock(FactoredBlock):
             n = sum(x.shape[0] for x in means)
             return total.div_(n), float(n)
         if isinstance(self.module, _ConvNd):
-            total = summed(conv_gram(x.to(self.dtype), self.module, self.has_bias)
-                            for x, _ in pairs)
+            total = sum(conv_gram(x.to(self.dtype), self.module, self.has_bias)
+                        for x, _ in pairs)
         else:
             total = gram((cols, 1.0) for x, call in pairs
                          for cols in self._column_blocks(x, self._rows(capture, x, call)))

@@ -50,15 +50,6 @@ def gram(blocks: Iterable[tuple[Tensor, float]]) -> Tensor:
     return mirror_(acc)
 
 
-def summed(mats: Iterable[Tensor]) -> Tensor:
-    """The sum of one or more matrices, accumulated into the first."""
-    it = iter(mats)
-    total = next(it)
-    for mat in it:
-        total.add_(mat)
-    return total
-
-
 def mirror_(gram: Tensor) -> Tensor:
     """The symmetric matrix whose lower triangle :func:`add_gram_` accumulated."""
     k = gram.shape[0]

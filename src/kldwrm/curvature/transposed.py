@@ -33,7 +33,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .layer import KroneckerBlock
-from .statistics import conv_gram, gram, summed
+from .statistics import conv_gram, gram
 
 
 class TransposedConvBlock(KroneckerBlock):
@@ -58,8 +58,7 @@ class TransposedConvBlock(KroneckerBlock):
         ``N``, the examples of the call each ``δ`` belongs to, once per recorded use."""
         m = self.module
         scale = capture.delta_scale() ** 2
-        total = summed(conv_gram(d.to(self.dtype), m, False) for d in capture.deltas[m])
-        total.mul_(scale)
+        total = sum(conv_gram(d.to(self.dtype), m, False) for d in capture.deltas[m]) * scale
         n = sum(capture.examples[call] for call in capture.delta_calls[m])
         return total.div_(n), float(n)
 
